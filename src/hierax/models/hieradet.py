@@ -1,0 +1,330 @@
+"""HieraDet: the hierarchical ViT of SAM 2's image encoder (Hiera without the MAE-specific parts).
+
+Tokens stay a channels-last 2-D grid (B, H, W, C) through four stages of strides 4, 8, 16 and 32. The first
+block of stages 2-4 max-pools its queries by 2x2, doubling width and heads. Blocks attend inside
+non-overlapping windows or globally. The head is LayerNorm over the stage-4 map, a spatial mean (the
+embedding) and a Linear classifier.
+
+State-dict names are those of the reference implementation, so published checkpoints load with strict=True.
+Unlike the reference, any input size works: windows are zero-padded, the tiled window position embedding is
+extended past the edge and cropped, and pooled windows are cropped to the pooled grid. Sizes that are
+multiples of 32 give exactly the reference's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
+
+
+@dataclass(frozen=True)
+class HieraDetConfig:
+    """Architecture hyper-parameters. window_spec is per stage; 0 means global attention."""
+
+    depths: tuple[int, ...] = (1, 2, 11, 2)
+    embed_dim: int = 96
+    num_heads: int = 1
+    pos_embed_size: tuple[int, int] = (7, 7)
+    pos_embed_win_size: tuple[int, int] = (8, 8)
+    global_blocks: tuple[int, ...] = (7, 10, 13)
+    window_spec: tuple[int, ...] = (8, 4, 14, 7)
+    drop_path_rate: float = 0.1
+    mlp_ratio: float = 4.0
+    mlp_dropout: float = 0.0
+    layer_norm_eps: float = 1e-6
+    q_stride: int = 2
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (lists instead of tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def updated(self, **overrides) -> HieraDetConfig:
+        """A copy with `overrides` applied; list values become tuples; unknown keys raise TypeError."""
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return replace(self, **fixed)
+
+
+_DEEP = dict(depths=(2, 3, 16, 3), pos_embed_size=(14, 14), global_blocks=(12, 16, 20))
+NETWORK_CONFIGS: dict[str, HieraDetConfig] = {
+    "hieradet_tiny": HieraDetConfig(depths=(1, 2, 7, 2), global_blocks=(5, 7, 9)),
+    "hieradet_small": HieraDetConfig(),
+    "hieradet_base": HieraDetConfig(**_DEEP),
+    "hieradet_base_plus": HieraDetConfig(**_DEEP, embed_dim=112, num_heads=2),
+    "hieradet_large": HieraDetConfig(
+        depths=(2, 6, 36, 4), embed_dim=144, num_heads=2, global_blocks=(23, 33, 43), drop_path_rate=0.2
+    ),
+}
+NETWORK_CONFIGS.update(
+    {
+        name.replace("hieradet_", "hieradet_d_"): replace(cfg, window_spec=(8, 4, 0, 0))
+        for name, cfg in list(NETWORK_CONFIGS.items())
+    }
+)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWin, window, window, C), zero-padding H and W up to multiples of `window`."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = -h % window, -w % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of window_partition, returning the padded (B, Hp, Wp, C) grid (callers crop)."""
+    hp, wp = padded_hw
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.view(b, hp // window, wp // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+
+
+def max_pool_nhwc(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """2-D max pooling of a channels-last grid (floor on odd sides)."""
+    return F.max_pool2d(x.permute(0, 3, 1, 2), kernel_size=stride, stride=stride).permute(0, 2, 3, 1)
+
+
+class MultiScaleAttention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid, with optional max-pooled queries."""
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_stride: int = 0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_stride = q_stride
+        self.qkv = nn.Linear(dim, dim_out * 3)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+        q, k, v = qkv.unbind(2)
+        if self.q_stride:
+            q = max_pool_nhwc(q.reshape(b, h, w, -1), self.q_stride)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, self.num_heads, -1)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x.transpose(1, 2).reshape(b, h, w, -1)
+        return self.proj(x)
+
+
+class MultiScaleBlock(nn.Module):
+    """Pre-norm transformer block; windowed (window > 0) or global, optionally pooling by q_stride."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        window: int,
+        q_stride: int = 0,
+        mlp_ratio: float = 4.0,
+        mlp_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.q_stride = q_stride
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.proj = nn.Linear(dim, dim_out) if dim != dim_out else None
+        self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_stride)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.norm2 = nn.LayerNorm(dim_out, eps=eps)
+        hidden = int(dim_out * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim_out, hidden), nn.GELU(), nn.Dropout(mlp_dropout), nn.Linear(hidden, dim_out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.proj is not None:
+            shortcut = self.proj(x)
+        if self.q_stride:
+            shortcut = max_pool_nhwc(shortcut, self.q_stride)
+        out_h, out_w = shortcut.shape[1:3]
+        if self.window > 0:
+            x, (hp, wp) = window_partition(x, self.window)
+            x = self.attn(x)
+            stride = self.q_stride or 1
+            x = window_unpartition(x, self.window // stride, (hp // stride, wp // stride))
+            x = x[:, :out_h, :out_w]
+        else:
+            x = self.attn(x)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchStem(nn.Module):
+    """7x7 stride-4 convolution, returning a channels-last grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=7, stride=4, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class SpatialMean(nn.Module):
+    """Mean over the H and W axes of a (B, H, W, C) grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2))
+
+
+class HieraDet(nn.Module):
+    """The HieraDet family. `num_classes=0` gives a backbone without a classifier."""
+
+    def __init__(self, config: HieraDetConfig, num_classes: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        dim, heads = config.embed_dim, config.num_heads
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *config.pos_embed_size))
+        self.pos_embed_win = nn.Parameter(torch.zeros(1, dim, *config.pos_embed_win_size))
+        self.stem = PatchStem(dim)
+
+        depth = sum(config.depths)
+        drop_rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
+        stages: dict[str, nn.Sequential] = {}
+        self.stage_dims: list[int] = []
+        block_idx = 0
+        window = config.window_spec[0]
+        for s, stage_depth in enumerate(config.depths):
+            blocks = []
+            for j in range(stage_depth):
+                first_pooled = s > 0 and j == 0
+                dim_out = dim * 2 if first_pooled else dim
+                heads = heads * 2 if first_pooled else heads
+                block_window = 0 if block_idx in config.global_blocks else window
+                blocks.append(
+                    MultiScaleBlock(
+                        dim,
+                        dim_out,
+                        heads,
+                        window=block_window,
+                        q_stride=config.q_stride if first_pooled else 0,
+                        mlp_ratio=config.mlp_ratio,
+                        mlp_dropout=config.mlp_dropout,
+                        drop_path=drop_rates[block_idx],
+                        eps=config.layer_norm_eps,
+                    )
+                )
+                dim = dim_out
+                block_idx += 1
+                window = config.window_spec[s]
+            stages[f"stage{s + 1}"] = nn.Sequential(*blocks)
+            self.stage_dims.append(dim)
+        self.body = nn.Sequential(OrderedDict(stages))
+        self.embedding_size = dim
+        self.features = nn.Sequential(nn.LayerNorm(dim, eps=config.layer_norm_eps), SpatialMean())
+        self.num_classes = num_classes
+        self.classifier = self._make_classifier(num_classes)
+        self.grad_checkpointing = False
+        self._init_weights()
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.embedding_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with `num_classes` outputs (0: none)."""
+        self.num_classes = num_classes
+        device = self.features[0].weight.device
+        self.classifier = self._make_classifier(num_classes).to(device)
+        if isinstance(self.classifier, nn.Linear):
+            nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+            nn.init.zeros_(self.classifier.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward, trading compute for memory."""
+        self.grad_checkpointing = enable
+
+    def position_embedding(self, h: int, w: int) -> torch.Tensor:
+        """The (1, h, w, C) position embedding for a stem grid of h x w tokens."""
+        pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic", align_corners=False)
+        wh, ww = self.pos_embed_win.shape[-2:]
+        win = self.pos_embed_win.tile(1, 1, math.ceil(h / wh), math.ceil(w / ww))[:, :, :h, :w]
+        return (pos + win).permute(0, 2, 3, 1)
+
+    def embed(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stem and position embedding: (B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C).
+
+        `token_mask` (B, h, w) bool marks stem tokens to replace by `mask_token` (C,) before the position
+        embedding is added (masked-image modelling in DINOv2/iBOT pretraining)."""
+        x = self.stem(x)
+        if token_mask is not None:
+            x = torch.where(token_mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+        return x + self.position_embedding(x.shape[1], x.shape[2])
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_stages(self, x: torch.Tensor, **mask) -> list[torch.Tensor]:
+        """The raw output of every stage, channels-last (B, H, W, C), strides 4, 8, 16 and 32."""
+        x = self.embed(x, **mask)
+        outs = []
+        for stage in self.body:
+            x = self._run_stage(stage, x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor, **mask) -> torch.Tensor:
+        """The stage-4 map, channels-last (B, H/32, W/32, C), before the final LayerNorm."""
+        x = self.embed(x, **mask)
+        for stage in self.body:
+            x = self._run_stage(stage, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """LayerNorm, spatial mean and (unless pre_logits) the classifier, on a forward_features map."""
+        x = self.features(x)
+        return x if pre_logits else self.classifier(x)
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, C) image embedding: LayerNorm of the stage-4 map, then its spatial mean."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits from an embedding."""
+        return self.classifier(embedding)
+
+    def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw stage outputs as NCHW maps keyed stage1..stage4 (strides 4, 8, 16, 32)."""
+        return {
+            f"stage{i + 1}": out.permute(0, 3, 1, 2).contiguous() for i, out in enumerate(self.forward_stages(x))
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def network_config(network: str) -> HieraDetConfig:
+    """The default config of a network name; KeyError if unknown."""
+    return NETWORK_CONFIGS[network]
+
+
