@@ -1,0 +1,66 @@
+"""expand_sources: files, folders, globs, .txt/.csv lists, order and duplicates."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hierax.data.sources import expand_sources, read_path_list
+from hierax.errors import HieraxError
+from tests.data_fixtures import write_image
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    for i, rel in enumerate(["b/2.jpg", "b/1.PNG", "a/x.webp", "a/deep/er/y.tif", "c.gif"]):
+        write_image(tmp_path / rel, seed=i)
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_folder_recursive_sorted_images_only(tree):
+    got = expand_sources([tree / "a", tree / "b"])
+    assert got == [str(tree / "a/deep/er/y.tif"), str(tree / "a/x.webp"), str(tree / "b/1.PNG"), str(tree / "b/2.jpg")]
+
+
+def test_folder_not_recursive(tree):
+    assert expand_sources(tree / "a", recursive=False) == [str(tree / "a/x.webp")]
+
+
+def test_files_keep_order_and_dedupe(tree):
+    c, b2 = str(tree / "c.gif"), str(tree / "b/2.jpg")
+    assert expand_sources([c, b2, c, tree / "b"]) == [c, b2, str(tree / "b/1.PNG")]
+
+
+def test_glob(tree):
+    got = expand_sources([str(tree / "**" / "*.jpg"), str(tree / "a" / "*.webp")])
+    assert got == [str(tree / "b/2.jpg"), str(tree / "a/x.webp")]
+
+
+def test_txt_list_relative_to_list_and_missing_kept(tree, monkeypatch):
+    lst = tree / "lists" / "files.txt"
+    lst.parent.mkdir()
+    (tree / "lists" / "here.jpg").write_bytes(b"")
+    lst.write_text(f"# comment\nhere.jpg\n\n{tree / 'c.gif'}\nmissing.jpg\n")
+    monkeypatch.chdir(tree)
+    assert expand_sources([lst]) == [str(tree / "lists" / "here.jpg"), str(tree / "c.gif"), "missing.jpg"]
+
+
+def test_csv_list_path_column_and_headerless(tree):
+    with_header = tree / "with.csv"
+    with_header.write_text("label,path\ncrow,b/2.jpg\nraven,c.gif\n")
+    assert read_path_list(with_header) == [str(tree / "b/2.jpg"), str(tree / "c.gif")]
+    plain = tree / "plain.csv"
+    plain.write_text(f"{tree / 'c.gif'},crow\n")
+    assert expand_sources(plain) == [str(tree / "c.gif")]
+
+
+def test_missing_source_raises(tree):
+    with pytest.raises(HieraxError, match="no such file"):
+        expand_sources([tree / "nope"])
+
+
+def test_glob_without_matches_is_empty(tree):
+    assert expand_sources([os.path.join(tree, "*.zzz")]) == []
