@@ -195,7 +195,7 @@ class HieraDet(nn.Module):
         self.stem = PatchStem(dim)
 
         depth = sum(config.depths)
-        drop_rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
+        drop_rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         stages: dict[str, nn.Sequential] = {}
         self.stage_dims: list[int] = []
         block_idx = 0

@@ -94,3 +94,27 @@ def load_pretrained_model(
     if inference:
         net.eval().requires_grad_(False)
     return net, info
+
+
+def describe(name_or_path: str | Path, *, progress: bool = True) -> dict:
+    """What `hierax info` prints: network, classes, input size, rgb stats, parameter count, file format."""
+    path, entry = resolve_file(name_or_path, progress=progress)
+    state, info = read_checkpoint(path, network=entry.network if entry else None)
+    if entry:
+        info.config = {**entry.config, **info.config}
+    names = info.class_names
+    return {
+        "name": entry.name if entry else None,
+        "path": str(path),
+        "file_format": info.file_format,
+        "file_size_mib": round(path.stat().st_size / 2**20, 1),
+        "network": info.network,
+        "task": info.task,
+        "num_classes": info.num_classes,
+        "classes_sample": names[:5],
+        "input_size": list(info.size),
+        "rgb_stats": info.rgb_stats,
+        "num_params": int(sum(t.numel() for t in state.values())),
+        "config": info.config,
+        "version": info.version,
+    }
