@@ -1,0 +1,96 @@
+"""Data order and I/O helpers of the training engine: per-rank micro-batches of (index, seed), per-sample seeded
+augmentation with bad-sample replacement, device transfer and atomic file writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from hierax.errors import HieraxError
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of `epoch`'s order."""
+    return ((seed * 1_000_003 + epoch * 7_919 + 1) * 2_147_483_647 + position) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class EpochBatchSampler(Sampler):
+    """Per-rank micro-batches of (index, augmentation seed) for one epoch, from micro-batch `start` on."""
+
+    def __init__(
+        self, n: int, batch_size: int, micro_batches: int, rank: int, world_size: int, seed: int, epoch: int, start: int = 0
+    ) -> None:
+        self.n, self.batch_size, self.micro_batches = n, batch_size, micro_batches
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch, self.start = seed, epoch, start
+
+    def __len__(self) -> int:
+        return self.micro_batches - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        span = self.batch_size * self.world_size
+        for m in range(self.start, self.micro_batches):
+            first = m * span + self.rank * self.batch_size
+            yield [
+                (order[p], sample_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)
+            ]
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: item (index, seed) runs the base item under a torch RNG seeded by `seed`; a dict sample
+    with an "error" is recorded and replaced by the next index. Items are (sample, [(index, path, reason)])."""
+
+    def __init__(self, base: Dataset, max_retries: int = 16) -> None:
+        self.base, self.max_retries = base, max_retries
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, list]:
+        index, seed = item
+        skipped = []
+        for attempt in range(self.max_retries + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + attempt)
+                sample = self.base[(index + attempt) % len(self.base)]
+            error = sample.get("error") if isinstance(sample, dict) else None
+            if error is None:
+                return sample, skipped
+            skipped.append((int(sample.get("index", index + attempt)), str(sample.get("path", "")), str(error)))
+        raise HieraxError(
+            f"{self.max_retries + 1} consecutive samples failed to load, last: {skipped[-1][1]}: {skipped[-1][2]}"
+        )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
