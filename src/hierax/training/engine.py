@@ -175,6 +175,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python and NumPy; call it before building a stage so its model's init is reproducible."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 class ModelEMA:
     """An exponential moving average of a module's parameters (buffers copied): avg = d * avg + (1 - d) * param."""
 
@@ -312,9 +319,7 @@ class Engine:
             raise HieraxError(f"the training set has {n} images, fewer than one global batch of {per_step}; lower "
                               "the batch size")
         total = steps_per_epoch * cfg.epochs
-        torch.manual_seed(cfg.seed + dist.rank)
-        random.seed(cfg.seed + dist.rank)
-        np.random.seed((cfg.seed + dist.rank) % 2**32)
+        seed_everything(cfg.seed + dist.rank)
 
         self.module = stage.model.to(dist.device)
         if cfg.grad_checkpointing and hasattr(self.module, "set_grad_checkpointing"):
