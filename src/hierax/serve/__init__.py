@@ -1,0 +1,57 @@
+"""The HTTP service and web page: `create_app(net, info)` for an app, `serve(model)` to load a model and run it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from hierax.serve.app import ServedModel, create_app
+from hierax.serve.batcher import MicroBatcher
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "hieradet_d_small_dino-v2-inat21"
+MAX_CONNECTIONS = 256
+
+
+def model_display_name(model: str) -> str:
+    """The name a model is served under: a registry name as given, a checkpoint path by its file stem."""
+    path = Path(model)
+    return path.stem if path.suffix or "/" in model or "\\" in model else model
+
+
+def serve(
+    model: str = DEFAULT_MODEL,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    max_upload_mb: float = 20.0,
+    top_k: int = 5,
+    device: str | None = None,
+    common_names: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load `model` (registry name or checkpoint path) and serve it with uvicorn until interrupted.
+
+    At most MAX_CONNECTIONS connections are handled at once; beyond that uvicorn answers 503."""
+    import uvicorn
+
+    from hierax.data.taxonomy import load_common_names
+    from hierax.weights.load import load_pretrained_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net, info = load_pretrained_model(model, inference=True, device=device)
+    names = load_common_names(common_names, info.class_names) if common_names else None
+    app = create_app(net, info, name=model_display_name(model), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     max_upload_mb=max_upload_mb, top_k=top_k, common_names=names)
+    app.state.model.warmup()
+    logger.info("serving %s (%s, %d classes) on http://%s:%d", model, info.network, info.num_classes, host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=MAX_CONNECTIONS,
+                server_header=False)
+
+
+__all__ = ["DEFAULT_MODEL", "MicroBatcher", "ServedModel", "create_app", "model_display_name", "serve"]

@@ -1,0 +1,139 @@
+"""Micro-batching for the service: concurrent requests are gathered into one forward pass.
+
+Each request submits one item and awaits its own result. A worker task takes up to `max_batch` pending items,
+waiting at most `max_wait_ms` for a batch to fill once the first item arrived, then runs the batch function in a
+single worker thread so the event loop keeps accepting requests while the model runs. Requests that pile up
+during a forward pass form the next batch, so under load batches fill without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class BatcherStats:
+    """Counters for monitoring: how many batches ran, how many items they held, and the largest one."""
+
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    failures: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        """Average number of items per batch (0 before the first batch)."""
+        return self.items / self.batches if self.batches else 0.0
+
+
+class MicroBatcher(Generic[T, R]):
+    """Gathers items submitted concurrently and runs `fn(items) -> results` (same length, same order) on them.
+
+    Bound to the event loop of its first `submit`; a later loop (as in tests that start one per request)
+    transparently gets a fresh worker. `fn` always runs in the same single thread, one batch at a time."""
+
+    def __init__(
+        self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 8, max_wait_ms: float = 5.0, name: str = ""
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.name = name
+        self.stats = BatcherStats()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None
+
+    @property
+    def pending(self) -> int:
+        """Items submitted but not yet taken into a batch."""
+        return len(self._pending)
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._task is not None and not self._task.done():
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hierax-batch-{self.name}")
+        self._loop = loop
+        self._pending = []
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task = loop.create_task(self._work(), name=f"hierax-batcher-{self.name}")
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result; an exception raised by `fn` is raised here."""
+        self._ensure_worker()
+        future = self._loop.create_future()
+        self._pending.append((item, future))
+        self._wakeup.set()
+        if len(self._pending) >= self.max_batch:
+            self._full.set()
+        return await future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            if len(self._pending) < self.max_batch and self.max_wait > 0:
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), self.max_wait)
+                except TimeoutError:
+                    pass
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            if not self._pending:
+                self._wakeup.clear()
+            batch = [(item, future) for item, future in batch if not future.done()]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except Exception as err:
+                self.stats.failures += 1
+                logger.exception("batch of %d failed", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    async def aclose(self) -> None:
+        """Stop the worker, fail anything still pending, and release the worker thread (a later submit restarts)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(RuntimeError("the batcher was closed"))
+        self._pending = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
