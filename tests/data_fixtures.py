@@ -99,3 +99,22 @@ def make_inat_dataset(root: Path, per_class: int = 2, size: tuple[int, int] = (4
     json_path = root / f"{split}.json"
     json_path.write_text(json.dumps(doc))
     return json_path
+
+
+TINY_CONFIG = {"depths": [1, 1, 1, 1], "embed_dim": 16}
+
+
+def make_checkpoint(path: Path, size: int = 64, seed: int = 0, class_names: list[str] | None = None) -> Path:
+    """A random-weight tiny hieradet_d_tiny checkpoint over `class_names` (default: the 4 iNat21 classes)."""
+    import torch
+
+    from hierax.models import create_model
+    from hierax.weights.files import ModelInfo, write_checkpoint
+
+    names = class_names or CLASS_NAMES
+    torch.manual_seed(seed)
+    net = create_model("hieradet_d_tiny", len(names), **TINY_CONFIG)
+    with torch.no_grad():
+        net.classifier.weight.mul_(400.0)  # spread the logits so that top-k orders are not near-ties
+    info = ModelInfo.create("hieradet_d_tiny", {n: i for i, n in enumerate(names)}, size, config=TINY_CONFIG)
+    return write_checkpoint(path, net.state_dict(), info)

@@ -160,12 +160,18 @@ class Taxonomy:
         ids[order] = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(order))))
         return ids
 
-    def rollup(self, probs: np.ndarray, thresholds: Mapping[str, float] | None = None) -> list[Rollup]:
-        """For each row of probs (C,) or (B, C): the deepest rank whose best summed probability passes."""
+    def check_rollup(self, thresholds: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The thresholds to use (defaults when None); HieraxError for unknown ranks or non-iNat21 classes."""
+        self._require_taxonomic()
         thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
         unknown = set(thresholds) - set(RANKS)
         if unknown:
             raise HieraxError(f"unknown rank(s) {sorted(unknown)}; ranks are {', '.join(RANKS)}")
+        return thresholds
+
+    def rollup(self, probs: np.ndarray, thresholds: Mapping[str, float] | None = None) -> list[Rollup]:
+        """For each row of probs (C,) or (B, C): the deepest rank whose best summed probability passes."""
+        thresholds = self.check_rollup(thresholds)
         batch = np.atleast_2d(probs)
         results: list[Rollup | None] = [None] * len(batch)
         for rank in sorted(thresholds, key=RANKS.index, reverse=True):
