@@ -1,0 +1,227 @@
+"""Evaluate a model on a labelled dataset: top-1/top-5, per class, per taxonomic rank, most-confused pairs,
+calibration (reliability diagram and expected calibration error), a JSON report, PNG figures and a one-screen
+text summary.
+
+Only the top-5 classes and the top-1 confidence of each image are kept, so memory stays O(images), not
+O(images x classes). Rank accuracy compares the top-1 class's lineage with the true class's: the right genus
+with the wrong species counts as correct at genus level and above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from hierax.data.datasets import load_labelled
+from hierax.data.taxonomy import RANKS, Taxonomy, top_k
+from hierax.inference.predict import DEFAULT_MODEL, ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.transforms import classification_transform
+
+logger = logging.getLogger(__name__)
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
+    """Expected calibration error over equal-width confidence bins, and the per-bin table."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        conf = float(confidence[sel].mean()) if n else 0.0
+        acc = float(correct[sel].mean()) if n else 0.0
+        ece += n / max(1, len(confidence)) * abs(acc - conf)
+        low, high = float(edges[b]), float(edges[b + 1])
+        table.append({"low": low, "high": high, "count": n, "confidence": conf, "accuracy": acc})
+    return ece, table
+
+
+def most_confused(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], n: int = 10) -> list[dict]:
+    """The n most frequent (true, predicted) pairs with true != predicted, with the share of the true class."""
+    per_class = Counter(labels.tolist())
+    pairs = Counter((int(t), int(p)) for t, p in zip(labels, preds, strict=True) if t != p)
+    return [
+        {"true": class_names[t], "predicted": class_names[p], "count": c, "fraction_of_true": c / per_class[t]}
+        for (t, p), c in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    ]
+
+
+def short_name(name: str) -> str:
+    """A readable label for plots: the binomial of an iNat21 name, else the name."""
+    parts = name.split("_")
+    return f"{parts[-2]} {parts[-1]}" if len(parts) == 8 and parts[0].isdigit() else name
+
+
+def plot_confusion(
+    labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], path: Path, max_classes: int = 20
+) -> list[str]:
+    """Row-normalised confusion matrix PNG of the `max_classes` most frequent true classes; returns them."""
+    counts = Counter(labels.tolist())
+    chosen = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_classes]]
+    pos = {c: i for i, c in enumerate(chosen)}
+    matrix = np.zeros((len(chosen), len(chosen)), dtype=np.float64)
+    for t, p in zip(labels.tolist(), preds.tolist(), strict=True):
+        if t in pos and p in pos:
+            matrix[pos[t], pos[p]] += 1
+    matrix /= np.maximum(1, np.array([counts[c] for c in chosen], dtype=np.float64))[:, None]
+    side = 3 + 0.35 * len(chosen)
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+    ticks = [short_name(class_names[c]) for c in chosen]
+    ax.set_xticks(range(len(chosen)), ticks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(chosen)), ticks, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (top {len(chosen)} classes, row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return [class_names[c] for c in chosen]
+
+
+def plot_reliability(table: list[dict], ece: float, path: Path) -> None:
+    """Reliability diagram PNG: accuracy per confidence bin against the diagonal, with the ECE in the title."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    centers = [(b["low"] + b["high"]) / 2 for b in table]
+    width = table[0]["high"] - table[0]["low"] if table else 0.1
+    ax.bar(centers, [b["accuracy"] for b in table], width=width, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram, ECE = {ece:.4f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compute_metrics(
+    labels: np.ndarray, top5: np.ndarray, confidence: np.ndarray, class_names: Sequence[str], *, bins: int = 15
+) -> dict:
+    """All figures of the report from true labels, top-5 predictions (N, k) and top-1 confidences."""
+    preds = top5[:, 0]
+    correct1 = preds == labels
+    correct5 = (top5 == labels[:, None]).any(axis=1)
+    per_class = []
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        top1, top5_acc = float(correct1[sel].mean()), float(correct5[sel].mean())
+        per_class.append({"class": class_names[c], "count": int(sel.sum()), "top1": top1, "top5": top5_acc})
+    ece, table = calibration(confidence, correct1, bins)
+    report = {
+        "evaluated": int(len(labels)),
+        "top1": float(correct1.mean()) if len(labels) else 0.0,
+        "top5": float(correct5.mean()) if len(labels) else 0.0,
+        "mean_per_class_top1": float(np.mean([c["top1"] for c in per_class])) if per_class else 0.0,
+        "per_rank": {},
+        "per_class": per_class,
+        "most_confused": most_confused(labels, preds, class_names),
+        "ece": float(ece),
+        "reliability": table,
+    }
+    taxonomy = Taxonomy(class_names)
+    if taxonomy.is_taxonomic and len(labels):
+        for rank in RANKS:
+            group = taxonomy.group_of(rank)
+            report["per_rank"][rank] = float((group[preds] == group[labels]).mean())
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """A one-screen text summary of a report."""
+    lines = [
+        f"model {report.get('model', '?')} on {report.get('dataset', '?')}",
+        f"images: {report['evaluated']} evaluated, {report.get('failed', 0)} failed to decode",
+        f"top-1 {report['top1']:.2%}   top-5 {report['top5']:.2%}   mean per-class top-1 "
+        f"{report['mean_per_class_top1']:.2%}   ECE {report['ece']:.4f}",
+    ]
+    if report["per_rank"]:
+        lines.append("per rank: " + "  ".join(f"{r} {a:.2%}" for r, a in reversed(report["per_rank"].items())))
+    worst = sorted(report["per_class"], key=lambda c: (c["top1"], -c["count"]))[:5]
+    if worst:
+        lines.append("weakest classes:")
+        lines += [f"  {c['top1']:6.1%}  (n={c['count']})  {short_name(c['class'])}" for c in worst]
+    if report["most_confused"]:
+        lines.append("most confused (true -> predicted):")
+        lines += [
+            f"  {p['count']:5d}  {short_name(p['true'])} -> {short_name(p['predicted'])}"
+            for p in report["most_confused"][:5]
+        ]
+    for kind, path in report.get("files", {}).items():
+        lines.append(f"{kind}: {path}")
+    return "\n".join(lines)
+
+
+def evaluate(
+    dataset: str | os.PathLike,
+    model: ModelSpec = DEFAULT_MODEL,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device=None,
+    amp: bool = False,
+    tta: bool = False,
+    size: tuple[int, int] | int | None = None,
+    confusion_classes: int = 20,
+    bins: int = 15,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `model` on a labelled dataset (class folders, iNat21 JSON or CSV); returns the report dict and,
+    with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there."""
+    net, info = resolve_model(model, device=device, size=size)
+    data = load_labelled(dataset, root=root, class_to_idx=info.class_to_idx)
+    transform = classification_transform(info.size, info.rgb_stats)
+    loader = make_loader(data.paths, transform, batch_size=batch_size, workers=workers, labels=data.labels)
+    labels, top5, confidence, errors = [], [], [], []
+    for result in iter_predictions(net, loader, amp=amp, tta=tta, progress=progress, total=len(data)):
+        errors.extend((path, reason) for _, path, reason in result.errors)
+        if result.probs is None:
+            continue
+        idx, vals = top_k(result.probs, 5)
+        labels.append(result.labels)
+        top5.append(idx)
+        confidence.append(vals[:, 0])
+    k = min(5, info.num_classes)
+    report = {"model": str(model if not isinstance(model, tuple) else info.network), "dataset": str(dataset)}
+    report.update(
+        compute_metrics(
+            np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+            np.concatenate(top5) if top5 else np.zeros((0, k), dtype=np.int64),
+            np.concatenate(confidence) if confidence else np.zeros(0),
+            info.class_names,
+            bins=bins,
+        )
+    )
+    report["failed"] = len(errors)
+    report["errors"] = [{"path": p, "reason": r} for p, r in errors]
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"confusion_matrix": out / "confusion_matrix.png", "reliability": out / "reliability.png"}
+        if report["evaluated"]:
+            preds = np.concatenate(top5)[:, 0]
+            matrix_png = files["confusion_matrix"]
+            plot_confusion(np.concatenate(labels), preds, info.class_names, matrix_png, confusion_classes)
+            plot_reliability(report["reliability"], report["ece"], files["reliability"])
+        else:
+            files = {}
+        files.update(report_json=out / "report.json", summary=out / "summary.txt")
+        report["files"] = {k: str(v) for k, v in files.items()}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "summary.txt").write_text(format_summary(report) + "\n")
+    logger.debug("evaluation: top-1 %.4f top-5 %.4f on %d images", report["top1"], report["top5"], report["evaluated"])
+    return report
