@@ -29,3 +29,80 @@ def reference_npz():
     arrays = np.load(DATA / "hieradet_reference.npz")
     meta = json.loads(bytes(arrays["meta.json"]).decode())
     return arrays, meta
+
+
+TINY = {"depths": (1, 1, 1, 1), "embed_dim": 16}
+
+
+def inat_names(n: int) -> list[str]:
+    """n valid iNat21 class names (8 parts), two species per genus so roll-ups have something to sum."""
+    genera = [("Corvidae", "Corvus"), ("Fagaceae", "Quercus"), ("Felidae", "Felis"), ("Canidae", "Canis")]
+    names = []
+    for i in range(n):
+        family, genus = genera[(i // 2) % len(genera)]
+        order = "Fagales" if genus == "Quercus" else "Passeriformes" if genus == "Corvus" else "Carnivora"
+        cls = "Magnoliopsida" if genus == "Quercus" else "Aves" if genus == "Corvus" else "Mammalia"
+        kingdom, phylum = ("Plantae", "Tracheophyta") if genus == "Quercus" else ("Animalia", "Chordata")
+        names.append(f"{i:05d}_{kingdom}_{phylum}_{cls}_{order}_{family}_{genus}_species{i}")
+    return names
+
+
+@pytest.fixture
+def hierax_home(tmp_path, monkeypatch):
+    """An empty per-test HIERAX_HOME cache."""
+    home = tmp_path / "hierax_home"
+    monkeypatch.setenv("HIERAX_HOME", str(home))
+    monkeypatch.delenv("HIERAX_OFFLINE", raising=False)
+    return home
+
+
+class FileServer:
+    """A threaded HTTP server on 127.0.0.1 serving registered byte strings, with failure modes."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.files: dict[str, bytes] = {}
+        self.broken: set[str] = set()
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                name = self.path.lstrip("/")
+                server.hits[name] = server.hits.get(name, 0) + 1
+                if name not in server.files:
+                    self.send_error(404, "Not Found")
+                    return
+                data = server.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if name in server.broken:
+                    self.wfile.write(data[: len(data) // 3])
+                    self.wfile.flush()
+                    self.connection.close()
+                    return
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def file_server():
+    server = FileServer()
+    yield server
+    server.close()

@@ -145,7 +145,7 @@ def load_image(image: ImageSource | Image.Image | np.ndarray | torch.Tensor) -> 
             scale = 255.0 if image.max(initial=0) <= 1.0 else 1.0
             image = np.clip(image.astype(np.float32) * scale, 0, 255).round().astype(np.uint8)
         image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).contiguous()
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ImageDecodeError(f"tensor of shape {tuple(image.shape)} is not a (3, H, W) or (1, H, W) image")

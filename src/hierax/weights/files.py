@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 import zipfile
@@ -131,10 +132,14 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor] | tor
 def _read_pt(path: Path) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({err}). Download it again.") from None
-    except Exception as err:  # noqa: BLE001 - weights_only refusals raise UnpicklingError and friends
-        raise CheckpointError(f"{path} is not a safe weights-only checkpoint: {err}") from None
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            detail = next((ln for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+            raise CheckpointError(f"{path} references code, which hierax never unpickles ({detail.strip()})") from None
+        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read. Download it again.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({first}). Download it again.") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if "state" in obj:
@@ -187,7 +192,7 @@ def read_checkpoint(path: str | Path, network: str | None = None) -> tuple[dict[
         raise CheckpointError(f"{path} is empty (0 bytes). Download it again.")
     state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
     state = convert_state_dict(state)
-    network = network or meta.get("network") or network_from_filename(path.name) or infer_network(state)
+    network = network or meta.get("network") or network_from_filename(path.name) or infer_network(state, meta.get("config"))
     class_to_idx = meta.get("class_to_idx")
     num_outputs = _num_outputs(state, meta)
     if not class_to_idx or len(class_to_idx) != num_outputs:
@@ -214,9 +219,9 @@ def network_from_filename(filename: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def infer_network(state: dict[str, torch.Tensor]) -> str:
-    """Guess the network from a state dict's shapes. Windowed and `_d_` variants have identical tensors, so
-    the `_d_` variant (the one the classification weights use) is assumed."""
+def infer_network(state: dict[str, torch.Tensor], config: dict | None = None) -> str:
+    """Guess the network from a state dict's shapes (after the file's config overrides). Windowed and `_d_`
+    variants have identical tensors, so the `_d_` variant (the one the classification weights use) is assumed."""
     from hierax.models.hieradet import NETWORK_CONFIGS
 
     if "pos_embed" not in state:
@@ -227,6 +232,8 @@ def infer_network(state: dict[str, torch.Tensor]) -> str:
         blocks = {int(m.group(1)) for k in state if (m := re.match(rf"body\.stage{stage}\.(\d+)\.", k))}
         depths.append(len(blocks))
     for name, cfg in NETWORK_CONFIGS.items():
+        known = {k: v for k, v in (config or {}).items() if k in cfg.__dataclass_fields__}
+        cfg = cfg.updated(**known)
         if name.startswith("hieradet_d_") and cfg.embed_dim == dim and list(cfg.depths) == depths:
             return name
     raise CheckpointError(f"no known HieraDet network has width {dim} and depths {depths}")
@@ -248,7 +255,7 @@ _FLAT_RENAMES = [
 def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map SAM 2 (`image_encoder.trunk.*`, `mlp.layers.0/1`) and timm `sam2_hiera_*` (`mlp.fc1/fc2`,
     `head.fc`) state dicts to hierax names; hierax/reference dicts pass through unchanged. Other SAM 2 parts
-    (neck, decoders) are dropped. Flat `blocks.{i}` are split into stages where a block has a `proj`
+    (neck, decoders) are dropped; SAM 2 has no final LayerNorm, so an identity one is added. Flat `blocks.{i}` are split into stages where a block has a `proj`
     (the first block of stages 2-4)."""
     if any(k.startswith("body.") for k in state):
         return state
@@ -276,4 +283,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         for pattern, repl in _FLAT_RENAMES:
             key = re.sub(pattern, repl, key)
         out[key] = value
+    if "features.0.weight" not in out:
+        width = out[f"{stage_of[block_ids[-1]]}.mlp.3.weight"].shape[0]
+        out["features.0.weight"], out["features.0.bias"] = torch.ones(width), torch.zeros(width)
     return out

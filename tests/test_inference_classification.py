@@ -1,0 +1,108 @@
+"""infer_image / infer_batch / classification_transform on real photos and every image mode."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from sklearn.datasets import load_sample_image
+
+from hierax import classification_transform, get_size_from_signature
+from hierax.errors import ImageDecodeError
+from hierax.inference.classification import infer_batch, infer_image
+from hierax.models import create_model
+from hierax.transforms import DEFAULT_RGB_STATS
+from hierax.weights.files import ModelInfo
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return create_model("hieradet_d_tiny", 6, **TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def transform():
+    return classification_transform((64, 64), DEFAULT_RGB_STATS)
+
+
+def test_transform_matches_reference_steps():
+    t = classification_transform((48, 64), {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    img = Image.fromarray(data.coffee())
+    out = t(img)
+    ref = np.asarray(img.resize((64, 48), Image.BICUBIC), dtype=np.float32) / 255.0
+    ref = (ref - 0.5) / 0.25
+    assert out.shape == (3, 48, 64) and out.dtype == torch.float32
+    assert np.abs(out.permute(1, 2, 0).numpy() - ref).mean() < 0.02
+    assert get_size_from_signature(ModelInfo.create("x", {}, (48, 64)).signature) == (48, 64)
+
+
+def test_center_crop_and_simple_crop():
+    img = Image.fromarray(data.astronaut())
+    assert classification_transform(32, None, center_crop=0.5)(img).shape == (3, 32, 32)
+    assert classification_transform((32, 40), None, simple_crop=True)(img).shape == (3, 32, 40)
+    with pytest.raises(ValueError):
+        classification_transform(32, None, center_crop=0)
+
+
+@pytest.mark.parametrize("photo", ["chelsea", "coffee", "astronaut", "flower"])
+def test_real_photos_path_pil_array_agree(tmp_path, net, transform, photo):
+    arr = load_sample_image("flower.jpg") if photo == "flower" else getattr(data, photo)()
+    path = tmp_path / f"{photo}.png"
+    Image.fromarray(arr).save(path)
+    p_path, _ = infer_image(net, str(path), transform)
+    p_arr, _ = infer_image(net, arr, transform)
+    p_tensor, _ = infer_image(net, torch.from_numpy(arr).permute(2, 0, 1), transform)
+    p_pil, emb = infer_image(net, Image.open(path), transform, return_embedding=True)
+    assert p_path.shape == (1, 6) and np.isclose(p_path.sum(), 1, atol=1e-5)
+    assert np.allclose(p_path, p_arr, atol=1e-6) and np.allclose(p_path, p_tensor, atol=1e-6)
+    assert np.allclose(p_path, p_pil, atol=2e-3)
+    assert emb.shape == (1, net.embedding_size)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_every_mode_becomes_rgb(net, transform, mode):
+    img = Image.fromarray(data.chelsea())
+    converted = img.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+    probs, _ = infer_image(net, converted, transform)
+    assert probs.shape == (1, 6) and np.isfinite(probs).all()
+
+
+def test_exif_orientation_applied(tmp_path, net, transform):
+    img = Image.fromarray(data.astronaut()[:, :400])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    rotated = img.transpose(Image.Transpose.ROTATE_270)
+    buf2 = io.BytesIO()
+    rotated.save(buf2, "JPEG", quality=95)
+    from hierax.data.images import decode_image
+
+    a, b = decode_image(buf.getvalue()), decode_image(buf2.getvalue())
+    assert a.shape == b.shape == (3, 400, 512)
+    assert (a.float() - b.float()).abs().mean() < 3
+
+
+def test_tta_and_batch(net, transform):
+    x = torch.stack([transform(Image.fromarray(data.chelsea())), transform(Image.fromarray(data.coffee()))])
+    plain, _ = infer_batch(net, x)
+    tta, emb = infer_batch(net, x, tta=True, return_embedding=True)
+    assert plain.shape == tta.shape == (2, 6) and emb.shape == (2, net.embedding_size)
+    assert np.allclose(tta.sum(1), 1, atol=1e-5) and not np.allclose(plain, tta)
+    single, _ = infer_batch(net, x[:1])
+    assert np.allclose(single, plain[:1], atol=1e-5)
+    bf16, _ = infer_batch(net, x, amp=True)
+    assert np.abs(bf16 - plain).max() < 0.05
+
+
+def test_undecodable_image(tmp_path, net, transform):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        infer_image(net, str(bad), transform)
+    with pytest.raises(ImageDecodeError, match="not found"):
+        infer_image(net, str(tmp_path / "missing.jpg"), transform)
