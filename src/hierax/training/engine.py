@@ -102,7 +102,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # cosine weight-decay schedule end (None: constant)
-    layer_decay: float = 1.0
+    layer_decay: float | None = None  # None: 1.0 unless the stage chooses (fine-tuning: 0.65 from pretrained)
     warmup_epochs: float | None = None  # None: 5% of the run
     clip_grad: float | None = 1.0
     ema: bool = True
@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 0  # optimizer steps; 0: at each epoch end only
     resume: bool = False
+    device: str | None = None  # None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU
     max_bad_retries: int = 16
 
     def __post_init__(self) -> None:
@@ -180,6 +181,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def close_distributed() -> None:
+    """Leave the process group that init_distributed joined (a no-op in a single-process run)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 class ModelEMA:
@@ -252,7 +259,7 @@ class Stage:
         return collate_samples(samples)
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
-        return optim.param_groups(self.model, config.weight_decay, config.layer_decay)
+        return optim.param_groups(self.model, config.weight_decay, config.layer_decay or 1.0)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -305,7 +312,7 @@ class Engine:
 
     def __init__(self, stage: Stage, config: TrainConfig, dist: DistInfo | None = None) -> None:
         self.stage, self.config = stage, config
-        self.dist = dist if dist is not None else init_distributed()
+        self.dist = dist if dist is not None else init_distributed(config.device)
         self._seen_bad: set[str] = set()
 
     def fit(self) -> list[dict]:

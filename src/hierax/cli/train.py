@@ -1,0 +1,138 @@
+"""`hierax train --data TRAIN [--val VAL] --network NAME [--init-from NAME|PATH] ...`: fine-tune a classifier.
+
+A thin shell over `hierax.training.supervised.train_classifier`. Run under `torchrun --nproc-per-node N -m hierax
+train ...` for DDP. Progressive resolution: a second run with `--init-from RUN/model.pt --size 384`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from hierax.training.augment import AUGMENTS
+from hierax.training.engine import TrainConfig
+from hierax.training.supervised import FineTuneConfig, train_classifier
+
+COMMAND = "train"
+HELP = "fine-tune (or train from scratch) a species classifier on labelled photos"
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW, got '{text}'") from None
+    if len(sides) not in (1, 2) or min(sides) < 8:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides of at least 8, got '{text}'")
+    return (sides[0], sides[-1])
+
+
+def _config_overrides(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--model-config must be a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--model-config must be a JSON object")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--data", required=True, help="training set: class folders, an iNat21 .json or a path,label .csv")
+    data.add_argument("--val", help="validation set (same layouts); top-1/top-5 after every epoch")
+    data.add_argument("--data-root", help="folder that .json/.csv image paths are relative to (default: the file's)")
+    data.add_argument("--network", help="architecture (default: the --init-from model's, else hieradet_d_small)")
+    data.add_argument("--init-from", help="registry name, checkpoint, or SAM 2 / timm file to start from")
+    data.add_argument("--model-config", type=_config_overrides, default={},
+                      help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
+    data.add_argument("--size", type=_size, default=(256, 256), help="training size, N or HxW (default 256)")
+    data.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="where model.pt and logs go")
+    data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
+
+    run_ = parser.add_argument_group("schedule")
+    run_.add_argument("--epochs", type=int, default=10)
+    run_.add_argument("--batch-size", type=int, default=32, help="per process and accumulation step")
+    run_.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    run_.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    run_.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR as a share of --lr")
+    run_.add_argument("--weight-decay", type=float, default=0.05)
+    run_.add_argument("--layer-decay", type=float, help="layer-wise LR decay (default 0.65 with --init-from, else 1)")
+    run_.add_argument("--warmup-epochs", type=float, help="default: 5%% of the run")
+    run_.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: off)")
+    run_.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
+    run_.add_argument("--ema-decay", type=float, help="default: a time constant of 2%% of the run")
+    run_.add_argument("--linear-probe", action="store_true", help="train the classifier only (frozen body)")
+
+    aug = parser.add_argument_group("augmentation and loss")
+    aug.add_argument("--augment", choices=AUGMENTS, default="trivialaugment")
+    aug.add_argument("--label-smoothing", type=float, default=0.1)
+    aug.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
+    aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: grows with --epochs)")
+    aug.add_argument("--random-erasing", type=float, default=0.25, help="random erasing probability")
+    aug.add_argument("--min-crop", type=float, default=0.08, help="smallest random-resized-crop area share")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
+    system.add_argument("--compile", action="store_true", help="torch.compile the model")
+    system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    system.add_argument("--seed", type=int, default=0)
+    system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
+    system.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also save the training state every N steps (default: each epoch end)")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = FineTuneConfig(
+        data=args.data,
+        val=args.val,
+        data_root=args.data_root,
+        network=args.network,
+        init_from=args.init_from,
+        size=args.size,
+        model_config=args.model_config,
+        label_smoothing=args.label_smoothing,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+        mix_prob=args.mix_prob,
+        augment=args.augment,
+        crop_scale=(args.min_crop, 1.0),
+        random_erasing=args.random_erasing,
+        linear_probe=args.linear_probe,
+    )
+    config = TrainConfig(
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        accum_steps=args.accum_steps,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad=args.clip_grad or None,
+        ema=not args.no_ema,
+        ema_decay=args.ema_decay,
+        amp=False if args.no_amp else None,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        num_workers=args.workers,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=args.device,
+    )
+    result = train_classifier(options, config)
+    val = [r for r in result.history if r.get("split") == "val"]
+    summary = f"model: {result.model_path}"
+    if val:
+        summary += f" (val top-1 {val[-1]['top1']:.4f}, top-5 {val[-1]['top5']:.4f})"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary)
+    return 0

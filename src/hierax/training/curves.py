@@ -1,0 +1,43 @@
+"""Loss and accuracy curves of a training run, from its metric history, as one PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def _series(history: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
+    rows = [r for r in history if r.get("split") == split and key in r]
+    return [float(r["epoch"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    """Plot train/val loss and accuracy against epochs into `path` (written to a temporary file, then renamed)."""
+    path = Path(path)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, key, label in (("train", "loss", "train loss"), ("val", "val_loss", "val loss")):
+        x, y = _series(history, split, key)
+        if x:
+            ax_loss.plot(x, y, marker="." if split == "val" else None, label=label)
+    for split, key, label in (("train", "train_top1", "train top-1"), ("val", "top1", "val top-1"),
+                              ("val", "top5", "val top-5")):
+        x, y = _series(history, split, key)
+        if x:
+            ax_acc.plot(x, y, marker="." if split == "val" else None, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
