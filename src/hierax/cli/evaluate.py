@@ -1,0 +1,32 @@
+"""`hierax evaluate DATASET`: accuracy (top-1/5, per class, per rank), confusions and calibration."""
+
+from __future__ import annotations
+
+import argparse
+
+from hierax.cli._options import add_model_options, model_kwargs
+from hierax.inference.evaluate import evaluate, format_summary
+
+COMMAND = "evaluate"
+HELP = "measure accuracy and calibration on a labelled dataset (class folders, iNat21 JSON or CSV)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="folder of class folders, iNat21 annotation .json, or path,label .csv")
+    add_model_options(parser)
+    parser.add_argument("--root", help="folder the dataset's relative image paths start from")
+    parser.add_argument("--output-dir", help="write report.json, summary.txt and the PNG figures here")
+    parser.add_argument("--confusion-classes", type=int, default=20, help="classes in the confusion matrix (20)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(
+        args.dataset,
+        args.model,
+        output_dir=args.output_dir,
+        root=args.root,
+        confusion_classes=args.confusion_classes,
+        **model_kwargs(args),
+    )
+    print(format_summary(report))
+    return 0 if report["evaluated"] else 1

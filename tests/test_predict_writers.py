@@ -1,0 +1,73 @@
+"""Chunked writers: crash safety (finished chunks survive), resume after a half-written line, parts, merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hierax.errors import HieraxError
+from hierax.inference import writers
+
+COLUMNS = ["path", "label_1", "prob_1"]
+
+
+def rows(start, stop):
+    return [{"path": f"img{i}.jpg", "label_1": "x", "prob_1": i / 10} for i in range(start, stop)]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_chunks_survive_a_crash_and_resume(tmp_path, suffix):
+    out = tmp_path / f"pred{suffix}"
+    writer = writers.open_writer(out, COLUMNS, chunk_size=2)
+    writer.write(rows(0, 3))  # one chunk of 3 rows goes out now; the crash below loses nothing written
+    assert writers.done_paths(out) == {f"img{i}.jpg" for i in range(3)}
+    del writer  # a crash: no close()
+    with writers.open_writer(out, COLUMNS, resume=True, chunk_size=2) as again:
+        again.write(rows(3, 5))
+    got = writers.read_rows(out)
+    assert [r["path"] for r in got] == [f"img{i}.jpg" for i in range(5)]
+    assert float(got[4]["prob_1"]) == pytest.approx(0.4)
+    assert not writers.parts_dir(out).exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_half_written_line_is_cut_on_resume(tmp_path, suffix):
+    out = tmp_path / f"pred{suffix}"
+    with writers.open_writer(out, COLUMNS) as writer:
+        writer.write(rows(0, 2))
+    with open(out, "a") as fh:
+        fh.write('img9.jpg,x,0.' if suffix == ".csv" else '{"path": "img9')
+    with writers.open_writer(out, COLUMNS, resume=True) as writer:
+        writer.write(rows(2, 3))
+    assert [r["path"] for r in writers.read_rows(out)] == ["img0.jpg", "img1.jpg", "img2.jpg"]
+
+
+def test_resume_with_other_columns_refused(tmp_path):
+    out = tmp_path / "pred.csv"
+    with writers.open_writer(out, COLUMNS) as writer:
+        writer.write(rows(0, 1))
+    with pytest.raises(HieraxError, match="columns differ"):
+        writers.open_writer(out, ["path", "label_1"], resume=True)
+
+
+def test_npy_roundtrip_and_merge_in_order(tmp_path):
+    emb_rows = [{"path": f"p{i}", "embedding": np.full(4, i, np.float32), "stage1": np.full(2, -i, np.float32)}
+                for i in range(4)]
+    shard_a, shard_b, out = tmp_path / "e-rank0.npy", tmp_path / "e-rank1.npy", tmp_path / "e.npy"
+    for shard, part in ((shard_a, emb_rows[0::2]), (shard_b, emb_rows[1::2])):
+        with writers.open_writer(shard, ["path", "embedding", "stage1"], chunk_size=1) as writer:
+            writer.write(part)
+    writers.merge_outputs([shard_a, shard_b], out, ["path", "embedding", "stage1"], ["p0", "p1", "p2", "p3"],
+                          resume=False)
+    np.testing.assert_array_equal(np.load(out)[:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(np.load(tmp_path / "e.stage1.npy")[:, 0], [0, -1, -2, -3])
+    assert writers.done_paths(out) == {"p0", "p1", "p2", "p3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "e.paths.txt", "e.stage1.npy"]
+    with pytest.raises(HieraxError, match="unsupported output format"):
+        writers.open_writer(tmp_path / "x.txt", COLUMNS)
+
+
+def test_errors_writer(tmp_path):
+    with writers.ErrorsWriter(tmp_path / "err.csv") as errs:
+        errs.write([("a, b.jpg", "truncated image"), ("c.png", 'bad "quote"')])
+    assert writers.read_errors(tmp_path / "err.csv") == [("a, b.jpg", "truncated image"), ("c.png", 'bad "quote"')]
