@@ -142,3 +142,12 @@ def test_import_sam2_and_timm(tmp_path, naming):
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(loaded.forward_stages(x), src.forward_stages(x)):
         assert torch.equal(a, b)
+
+
+def test_new_size_dtype_device(tmp_path, tiny):
+    net, info = tiny
+    path = write_checkpoint(tmp_path / "m.pt", net, info)
+    loaded, back = hierax.load_pretrained_model(path, new_size=(96, 160), dtype=torch.bfloat16, device="cpu")
+    assert back.size == (96, 160) and back.signature["outputs"][0]["data_shape"] == [0, 4]
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters()) and loaded.training
+    assert loaded(torch.randn(1, 3, 96, 160, dtype=torch.bfloat16)).shape == (1, 4)

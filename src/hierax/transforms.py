@@ -55,6 +55,7 @@ def classification_transform(
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=stats["mean"], std=stats["std"]),
+            v2.ToPureTensor(),
         ]
     )
 
