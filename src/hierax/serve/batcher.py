@@ -108,12 +108,13 @@ class MicroBatcher(Generic[T, R]):
                 results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                _fail(batch, RuntimeError("the batcher was closed"))
+                raise
             except Exception as err:
                 self.stats.failures += 1
                 logger.exception("batch of %d failed", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
+                _fail(batch, err)
                 continue
             self.stats.batches += 1
             self.stats.items += len(batch)
@@ -123,17 +124,23 @@ class MicroBatcher(Generic[T, R]):
                     future.set_result(result)
 
     async def aclose(self) -> None:
-        """Stop the worker, fail anything still pending, and release the worker thread (a later submit restarts)."""
+        """Stop the worker, fail anything pending or in flight, and wait for the worker thread to finish its batch.
+
+        A later submit starts a fresh worker."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(RuntimeError("the batcher was closed"))
+        _fail(self._pending, RuntimeError("the batcher was closed"))
         self._pending = []
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+
+def _fail(batch: list[tuple[object, asyncio.Future]], err: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(err)
