@@ -52,7 +52,7 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups of the trainable parameters, each with "lr_scale" (layer decay) and "weight_decay"."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    blocks = block_layer_ids(n for n, _ in named)
+    blocks = block_layer_ids(n for n, _ in module.named_parameters())  # frozen blocks keep their layer ids
     top = len(blocks) + 1
     extra = tuple(extra_no_decay)
     groups: dict[tuple[int, bool], dict] = {}
