@@ -61,10 +61,9 @@ function renderVerdict(verdict) {
     box.hidden = true;
     return;
   }
-  const label = verdict.common_name ? `${verdict.name} (${verdict.common_name})` : verdict.name;
-  box.textContent = verdict.rank === "species"
-    ? `Uncertain: the best guess is ${label} at ${percent(verdict.probability)}.`
-    : `Not sure of the species. Most likely ${verdict.rank} ${label} (${percent(verdict.probability)}).`;
+  box.textContent = verdict.rank
+    ? `Not sure of the species. Most likely ${verdict.rank} ${verdict.name} (${percent(verdict.probability)}).`
+    : "Not sure: no species, genus or family is likely enough to name. Try a clearer photo.";
   box.hidden = false;
 }
 
@@ -93,7 +92,8 @@ async function classify(file) {
     return;
   }
   if (!response.ok) {
-    showError(`Cannot identify this file: ${body.detail || response.statusText}`);
+    showError(`Cannot identify ${file.name}: ${body.detail || response.statusText}. ` +
+      "Choose a photo (JPEG, PNG, WebP, GIF, BMP or TIFF).");
     return;
   }
   $("status").textContent = `Top ${body.predictions.length} for ${file.name}`;
