@@ -11,7 +11,9 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40))
 
 
-def draw_shape(shape: str, size: int, rng: np.random.Generator, colour: tuple[int, int, int] | None = None) -> Image.Image:
+def draw_shape(
+    shape: str, size: int, rng: np.random.Generator, colour: tuple[int, int, int] | None = None
+) -> Image.Image:
     """One `shape` at a random scale and position on a noisy grey background, in `colour` (jittered) or a random
     colour."""
     bg = rng.integers(60, 200) * np.ones(3)

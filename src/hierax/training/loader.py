@@ -23,7 +23,15 @@ class EpochBatchSampler(Sampler):
     """Per-rank micro-batches of (index, augmentation seed) for one epoch, from micro-batch `start` on."""
 
     def __init__(
-        self, n: int, batch_size: int, micro_batches: int, rank: int, world_size: int, seed: int, epoch: int, start: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        micro_batches: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
     ) -> None:
         self.n, self.batch_size, self.micro_batches = n, batch_size, micro_batches
         self.rank, self.world_size = rank, world_size

@@ -141,14 +141,14 @@ class SupervisedStage(Stage):
             model.classifier.requires_grad_(True)
         self.model = model
         size = tuple(options.size)
-        train_tf = training_transform(
-            size, self.rgb_stats, options.augment, options.crop_scale, 0.0 if options.linear_probe else options.random_erasing
-        )
+        erasing = 0.0 if options.linear_probe else options.random_erasing
+        train_tf = training_transform(size, self.rgb_stats, options.augment, options.crop_scale, erasing)
         self.train_dataset = ImageDataset.from_labelled(train, train_tf)
         eval_tf = classification_transform(size, self.rgb_stats)
         self.val_dataset = ImageDataset.from_labelled(val, eval_tf) if val is not None else None
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
-        self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, 0.0 if options.linear_probe else prob)
+        prob = 0.0 if options.linear_probe else prob
+        self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
         logger.info("fine-tuning %s on %d images, %d classes, at %dx%d; mixed batches: %.0f%%", self.network,
                     len(train), len(self.class_to_idx), size[0], size[1], 100 * self.mix.prob)
 
