@@ -118,3 +118,16 @@ def test_progressive_resolution_writes_the_new_size(trained, shapes, tmp_path):
     assert info.size == (48, 48) and info.network == "hieradet_d_tiny"
     assert info.signature["inputs"][0]["data_shape"] == [0, 3, 48, 48]
     assert isinstance(info, ModelInfo) and info.num_classes == 4
+
+
+def test_linear_probe_trains_the_classifier_only(trained, shapes, tmp_path):
+    _, out, _ = trained
+    options = FineTuneConfig(data=str(shapes[0] / "val"), init_from=str(out / "model.pt"), size=(32, 32),
+                             linear_probe=True, augment="none")
+    config = TrainConfig(output_dir=tmp_path, epochs=1, batch_size=16, lr=1e-2, num_workers=0, ema=False)
+    result = train_classifier(options, config)
+    before = torch.load(out / "model.pt", weights_only=True)["state"]
+    after = torch.load(result.model_path, weights_only=True)["state"]
+    assert config.layer_decay == 1.0
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}

@@ -133,8 +133,11 @@ class SupervisedStage(Stage):
     def __init__(self, options: FineTuneConfig, train: LabelledData, val: LabelledData | None, epochs: int) -> None:
         self.options = options
         self.class_to_idx = dict(train.class_to_idx)
+        model_config = dict(options.model_config)
+        if options.linear_probe:
+            model_config.setdefault("drop_path_rate", 0.0)  # a frozen body needs no stochastic depth
         model, self.network, self.model_config, self.rgb_stats = build_model(
-            options.network, self.class_to_idx, options.init_from, options.model_config
+            options.network, self.class_to_idx, options.init_from, model_config
         )
         if options.linear_probe:
             model.requires_grad_(False)
