@@ -4,7 +4,7 @@ augmentation with bad-sample replacement, device transfer and atomic file writes
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +87,26 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Call write(handle) on a temporary file beside `path`, fsync it, then rename it over `path`; on failure the
+    temporary file is removed and `path` keeps its last good content."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    _atomic(path, lambda fh: fh.write(text), "w")
