@@ -23,12 +23,12 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     for split, key, label in (("train", "loss", "train loss"), ("val", "val_loss", "val loss")):
         x, y = _series(history, split, key)
         if x:
-            ax_loss.plot(x, y, marker="." if split == "val" else None, label=label)
+            ax_loss.plot(x, y, marker="." if split == "val" or len(x) < 3 else None, label=label)
     for split, key, label in (("train", "train_top1", "train top-1"), ("val", "top1", "val top-1"),
                               ("val", "top5", "val top-5")):
         x, y = _series(history, split, key)
         if x:
-            ax_acc.plot(x, y, marker="." if split == "val" else None, label=label)
+            ax_acc.plot(x, y, marker="." if split == "val" or len(x) < 3 else None, label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):

@@ -58,6 +58,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -367,8 +368,7 @@ class Engine:
             epoch = ctx.step // steps_per_epoch
             start = (ctx.step % steps_per_epoch) * cfg.accum_steps
             sampler = EpochBatchSampler(n, cfg.batch_size, steps_per_epoch * cfg.accum_steps, dist.rank,
-                                        dist.world_size, cfg.seed,
-                                        epoch, start)
+                                        dist.world_size, cfg.seed, epoch, start)
             loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=self._collate,
                                 pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0))
             self._run_epoch(train_model, loader, ctx)
@@ -443,6 +443,9 @@ class Engine:
                 record["images_per_s"] = round(images / max(time.perf_counter() - tick, 1e-9), 2)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 self._log(record)
+                if not math.isfinite(record["loss"]):
+                    raise HieraxError(f"the loss is {record['loss']} at step {ctx.step}: lower --lr, or resume from "
+                                      "the last checkpoint with a smaller one")
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()
             if ctx.step == end:
                 self._validate(ctx)
