@@ -84,6 +84,9 @@ def test_in_memory_rows_common_names_rollup_species_list(tmp_path, checkpoint, p
             assert (row["rollup_rank"], row["rollup_name"]) == ("species", row["species"])
         else:
             assert (row["rollup_rank"], row["rollup_name"], row["rollup_prob"]) == ("genus", "Corvus", 1.0)
+    bad = write_bad_files(tmp_path / "bad")
+    only_bad = predict(list(bad), checkpoint, workers=0, progress=False)
+    assert only_bad.succeeded == 0 and sorted(p for p, _ in only_bad.errors) == sorted(bad)
     with pytest.raises(HieraxError, match="unknown rank"):
         predict(photos[:1], checkpoint, rollup=True, thresholds={"tribe": 0.5}, workers=0, progress=False)
 

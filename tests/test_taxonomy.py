@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hierax.data.taxonomy import Rollup, Taxonomy, load_common_names, parse_class_name, restrict, top_k
+from hierax.data.taxonomy import Rollup, Taxonomy, load_common_names, parse_class_name, restrict, rollup, top_k
 from hierax.errors import HieraxError
 from tests.data_fixtures import CLASS_NAMES, COMMON_NAMES, make_inat_dataset
 
@@ -48,6 +48,7 @@ def test_rollup_deepest_passing_rank():
     assert (got[3].rank, got[3].name) == ("family", "Fagaceae")
     assert tax.rollup(probs[3], {"species": 0.9, "genus": 0.9, "family": 0.9}) == [Rollup("", "", 0.0)]
     assert got[4] == Rollup("species", "Corvus corax", 1.0, "Common Raven")
+    assert rollup(probs[0], OAKS) == [got[0]]
     relaxed = tax.rollup(probs[3], {"species": 0.4, "kingdom": 0.5})
     assert (relaxed[0].rank, relaxed[0].name) == ("species", "Corvus corax")
     assert tax.rollup(probs[3], {"species": 0.5, "kingdom": 0.5})[0].name == "Plantae"

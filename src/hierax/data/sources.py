@@ -39,18 +39,20 @@ def is_image_path(path: str | os.PathLike, extensions: frozenset[str] = IMAGE_EX
     return os.path.splitext(str(path))[1].lower() in extensions
 
 
+def _wanted(name: str, extensions: frozenset[str]) -> bool:
+    return not name.startswith(".") and is_image_path(name, extensions)
+
+
 def _walk_folder(folder: str, recursive: bool, extensions: frozenset[str]) -> list[str]:
     """Image files under `folder`, sorted; hidden files and folders are skipped."""
     found: list[str] = []
     if recursive:
         for root, dirs, files in os.walk(folder, followlinks=True):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and is_image_path(f, extensions))
+            found.extend(os.path.join(root, f) for f in files if _wanted(f, extensions))
     else:
         with os.scandir(folder) as entries:
-            found.extend(
-                e.path for e in entries if e.is_file() and not e.name.startswith(".") and is_image_path(e.name, extensions)
-            )
+            found.extend(e.path for e in entries if e.is_file() and _wanted(e.name, extensions))
     return sorted(found)
 
 
@@ -93,7 +95,8 @@ def _expand_one(source: str, recursive: bool, extensions: frozenset[str]) -> Ite
         else:
             yield source
     elif _GLOB_CHARS & set(source):
-        matches = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p) and is_image_path(p, extensions))
+        found = glob.glob(source, recursive=True)
+        matches = sorted(p for p in found if os.path.isfile(p) and is_image_path(p, extensions))
         if not matches:
             logger.warning("pattern %s matched no image files", source)
         yield from matches

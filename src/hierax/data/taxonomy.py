@@ -220,6 +220,17 @@ class Taxonomy:
         return self.resolve_species_list([e for e in lines if e and not e.startswith("#")])
 
 
+def rollup(
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    thresholds: Mapping[str, float] | None = None,
+    common_names: Mapping[int, str] | None = None,
+) -> list[Rollup]:
+    """Roll class probabilities (C,) or (B, C) up the iNat21 taxonomy: one Rollup per row (see Taxonomy.rollup).
+    Build a Taxonomy once instead when calling this for many batches."""
+    return Taxonomy(class_names, common_names).rollup(probs, thresholds)
+
+
 def restrict(probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Zero the probabilities of classes outside `allowed` and renormalise each row over the allowed ones."""
     probs = np.atleast_2d(np.asarray(probs, dtype=np.float32))

@@ -114,11 +114,13 @@ def compute_metrics(
     preds = top5[:, 0]
     correct1 = preds == labels
     correct5 = (top5 == labels[:, None]).any(axis=1)
-    per_class = []
-    for c in sorted(set(labels.tolist())):
-        sel = labels == c
-        top1, top5_acc = float(correct1[sel].mean()), float(correct5[sel].mean())
-        per_class.append({"class": class_names[c], "count": int(sel.sum()), "top1": top1, "top5": top5_acc})
+    counts = np.bincount(labels, minlength=len(class_names))
+    hits1 = np.bincount(labels, weights=correct1, minlength=len(class_names))
+    hits5 = np.bincount(labels, weights=correct5, minlength=len(class_names))
+    per_class = [
+        {"class": class_names[c], "count": int(counts[c]), "top1": hits1[c] / counts[c], "top5": hits5[c] / counts[c]}
+        for c in np.flatnonzero(counts)
+    ]
     ece, table = calibration(confidence, correct1, bins)
     report = {
         "evaluated": int(len(labels)),

@@ -56,7 +56,8 @@ class BatchResult:
 
 @dataclass
 class RunSummary:
-    """What a predict / embed run did; `rows` holds the results when no output file was given."""
+    """What a predict / embed run did. Without an output file, `rows` holds the results and `errors` the
+    (path, reason) of every failed image."""
 
     total: int
     succeeded: int
@@ -66,6 +67,7 @@ class RunSummary:
     output: Path | None = None
     errors_output: Path | None = None
     rows: list[dict] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -308,6 +310,7 @@ def _run(
         transform = classification_transform(info.size, info.rgb_stats)
         loader = make_loader(mine, transform, batch_size=batch_size, workers=workers, pin_memory=pin)
         in_memory: list[dict] = []
+        failures: list[tuple[str, str]] = []
         succeeded = failed = 0
         writer = writers.open_writer(my_output, columns, resume=resume, chunk_size=chunk_size) if my_output else None
         errors = writers.ErrorsWriter(my_errors) if my_errors else None
@@ -336,6 +339,7 @@ def _run(
                 else:
                     for _, path, reason in result.errors:
                         logger.warning("%s: %s", path, reason)
+                        failures.append((path, reason))
         finally:
             if writer:
                 writer.close()
@@ -353,7 +357,7 @@ def _run(
             dist.barrier()
         seconds = time.perf_counter() - start
         summary = RunSummary(len(paths), succeeded, failed, len(paths) - len(todo), seconds, output, errors_path)
-        summary.rows = in_memory
+        summary.rows, summary.errors = in_memory, failures
         logger.debug("%s", summary.line())
         return summary
     finally:

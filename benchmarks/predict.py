@@ -1,0 +1,109 @@
+"""End-to-end `predict` throughput against model-only throughput on the same images, in one process.
+
+Generates a folder of JPEGs (500 px long side, like iNat21), builds a random-weight network with an iNat21-sized
+head, then measures:
+- end to end: `hierax.inference.predict.predict` over the folder (decode + resize in DataLoader workers,
+  forward, top-k rows, chunked CSV writer), wall time and images/s;
+- model only: the same images decoded and transformed beforehand, then `infer_batch` over the same batches.
+Prints the ratio and the peak RSS of the main process and of the largest worker.
+
+    python benchmarks/predict.py --images 200 --size 384 --batch-size 8 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_jpegs(folder: Path, count: int, long_side: int) -> list[Path]:
+    """Smooth random photos-like JPEGs, landscape and portrait, `long_side` px on the long side."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = (long_side, long_side * 3 // 4) if i % 2 == 0 else (long_side * 3 // 4, long_side)
+        small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+        noise = rng.normal(0, 8, (h, w, 3))
+        arr = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:04d}.jpg"
+        Image.fromarray(arr).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory (MiB) of this process and of its largest finished child (a DataLoader worker)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, child
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--long-side", type=int, default=500)
+    parser.add_argument("--network", default="hieradet_d_small")
+    parser.add_argument("--num-classes", type=int, default=10000)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true")
+    args = parser.parse_args(argv)
+
+    from hierax.data.images import decode_image
+    from hierax.inference.classification import infer_batch
+    from hierax.inference.predict import predict
+    from hierax.models import create_model
+    from hierax.transforms import classification_transform
+    from hierax.weights.files import ModelInfo
+
+    torch.manual_seed(0)
+    net = create_model(args.network, args.num_classes).eval().requires_grad_(False).to(args.device)
+    names = {f"{i:05d}_Animalia_Chordata_Aves_Order_Family_Genus{i // 3}_sp{i}": i for i in range(args.num_classes)}
+    info = ModelInfo.create(args.network, names, args.size)
+    transform = classification_transform(info.size, info.rgb_stats)
+    print(f"{args.network} ({args.num_classes} classes) at {args.size}, batch {args.batch_size}, "
+          f"{args.workers} workers, {args.images} JPEGs of {args.long_side} px, device {args.device}, "
+          f"torch threads {torch.get_num_threads()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        paths = make_jpegs(folder, args.images, args.long_side)
+        warm = transform(decode_image(paths[0]))[None].repeat(args.batch_size, 1, 1, 1)
+        infer_batch(net, warm, amp=args.amp)
+
+        start = time.perf_counter()
+        summary = predict([folder], (net, info), output=Path(tmp) / "out.csv", batch_size=args.batch_size,
+                          workers=args.workers, amp=args.amp, progress=False)
+        e2e_wall = time.perf_counter() - start
+        own_rss, worker_rss = peak_rss_mb()
+        assert summary.succeeded == args.images, summary.line()
+
+        batches = [torch.stack([transform(decode_image(p)) for p in paths[i : i + args.batch_size]])
+                   for i in range(0, len(paths), args.batch_size)]
+        start = time.perf_counter()
+        for batch in batches:
+            infer_batch(net, batch, amp=args.amp)
+        model_wall = time.perf_counter() - start
+
+    e2e_rate, model_rate = args.images / e2e_wall, args.images / model_wall
+    print(f"end to end : {e2e_rate:7.2f} images/s  ({e2e_wall:.1f} s wall for {args.images} images)")
+    print(f"model only : {model_rate:7.2f} images/s  ({model_wall:.1f} s)")
+    print(f"ratio      : {e2e_rate / model_rate:.3f} (goal >= 0.95)")
+    print(f"peak RSS   : main {own_rss:.0f} MiB during predict, largest worker {worker_rss:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
