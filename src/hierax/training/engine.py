@@ -8,7 +8,9 @@ API
 ---
     config = TrainConfig(output_dir=..., epochs=..., batch_size=..., lr=..., ...)   # see the field comments
     dist = init_distributed()            # torchrun env (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA
+    seed_everything(config.seed)         # before building the stage, so its model's init is reproducible
     history = Engine(stage, config, dist).fit()     # -> list of metric records (also in metrics.jsonl)
+    close_distributed()                  # leave the process group (no-op in a single process)
 
     class MyStage(Stage):                # override what the stage needs; defaults in brackets
         model: nn.Module                 # required: the trainable module (engine moves it, wraps it in DDP)
@@ -33,7 +35,8 @@ API
         def state_dict(self) / load_state_dict(state)   extra state for exact resume (e.g. a centre) [{}]
         def on_train_end(self, history, ctx)   rank 0, after the last checkpoint (e.g. plots)   [no-op]
 
-    StepContext (ctx): step (optimizer steps done), epoch, total_steps, steps_per_epoch, micro_step,
+    StepContext (ctx): step (optimizer steps done; inside training_step and the optimizer-step hooks, the
+        0-based index of the step being taken), epoch, total_steps, steps_per_epoch, micro_step (accumulation),
         progress (step / total_steps), device, dist (DistInfo: rank, world_size, is_main, all_reduce_mean,
         all_reduce_sum, barrier), ema (ModelEMA or None; ctx.ema.module is the averaged copy: a DINO teacher),
         config, output_dir, autocast() (the run's autocast context), lr (of the first group).
