@@ -46,6 +46,7 @@ def test_classify_multipart_matches_direct_inference(client, model, chelsea, tmp
     net, info = model
     response = client.post("/v1/classify", files={"file": ("chelsea.jpg", chelsea, "image/jpeg")})
     assert response.status_code == 200, response.text
+    assert [t.split(";")[0] for t in response.headers["server-timing"].split(", ")] == ["upload", "decode", "infer"]
     body = response.json()
     assert body["model"] == "tiny"
     assert body["image"] == {"width": 451, "height": 300}

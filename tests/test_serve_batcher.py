@@ -18,7 +18,7 @@ def test_results_return_to_their_callers_in_bounded_batches():
         return [2 * i for i in items]
 
     async def main() -> list[int]:
-        batcher = MicroBatcher(double, max_batch=4, max_wait_ms=100)
+        batcher = MicroBatcher(double, max_batch=4, max_wait_ms=60_000)
         results = await asyncio.gather(*[batcher.submit(i) for i in range(10)])
         await batcher.aclose()
         return results, batcher.stats
@@ -48,18 +48,69 @@ def test_runs_off_the_event_loop_in_one_worker_thread():
     assert len(threads) == 1 and loop_thread not in threads
 
 
-def test_a_lone_item_waits_at_most_max_wait():
-    async def main() -> tuple[int, float]:
-        batcher = MicroBatcher(lambda items: items, max_batch=64, max_wait_ms=20)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        result = await asyncio.wait_for(batcher.submit(7), timeout=5)
-        elapsed = loop.time() - start
+def test_a_lone_item_does_not_wait_when_nothing_is_announced():
+    async def main() -> int:
+        batcher = MicroBatcher(lambda items: items, max_batch=64, max_wait_ms=60_000)
+        result = await asyncio.wait_for(batcher.submit(7), timeout=30)
         await batcher.aclose()
-        return result, elapsed
+        return result
 
-    result, elapsed = asyncio.run(main())
-    assert result == 7 and elapsed >= 0.015
+    assert asyncio.run(main()) == 7
+
+
+def test_a_batch_waits_for_announced_items():
+    batches: list[list[int]] = []
+
+    def record(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(record, max_batch=8, max_wait_ms=60_000)
+
+        async def late(i: int) -> int:
+            with batcher.expect():
+                await asyncio.sleep(0.02 * i)
+            return await batcher.submit(i)
+
+        async def broken() -> None:
+            with batcher.expect():
+                await asyncio.sleep(0.01)
+
+        results = await asyncio.wait_for(asyncio.gather(batcher.submit(0), late(1), late(2), broken()), 30)
+        await batcher.aclose()
+        return results
+
+    assert asyncio.run(main()) == [0, 1, 2, None]
+    assert batches == [[0, 1, 2]]
+
+
+def test_waiting_for_announced_items_is_capped_by_max_wait():
+    batches: list[list[int]] = []
+
+    def record(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(record, max_batch=8, max_wait_ms=20)
+        release = asyncio.Event()
+
+        async def late() -> int:
+            with batcher.expect():
+                await release.wait()
+            return await batcher.submit(1)
+
+        pending = asyncio.ensure_future(late())
+        await asyncio.sleep(0)
+        first = await asyncio.wait_for(batcher.submit(0), 30)
+        release.set()
+        second = await pending
+        await batcher.aclose()
+        return [first, second]
+
+    assert asyncio.run(main()) == [0, 1]
+    assert batches == [[0], [1]]
 
 
 def test_failures_reach_every_caller_of_the_batch_and_the_batcher_recovers():

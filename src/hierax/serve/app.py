@@ -4,12 +4,14 @@ request -> read_image_upload (size limit while streaming) -> decode_image + clas
 threads) -> MicroBatcher -> infer_batch (one forward per batch, off the event loop) -> taxonomy -> JSON.
 Requests carry only image bytes: the service reads no server-side path they name, fetches nothing and
 unpickles nothing. Every error is a JSON body {"error": code, "detail": message} with a 4xx/5xx status.
+Answers carry a Server-Timing header (upload, decode, infer: queueing plus the batch's forward pass).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -229,30 +231,41 @@ def create_app(
     app.state.model = model
     _install_error_handlers(app)
 
-    async def run_model(request: Request) -> tuple[np.ndarray, np.ndarray | None, ImageSize]:
-        data = await read_image_upload(request, max_bytes)
-        try:
-            x, size = await anyio.to_thread.run_sync(model.preprocess, data, limiter=decode_limiter)
-        except ImageDecodeError as err:
-            raise _decode_error(err) from None
+    async def run_model(request: Request, response: Response) -> tuple[np.ndarray, np.ndarray | None, ImageSize]:
+        start = time.perf_counter()
+        with model.batcher.expect():
+            data = await read_image_upload(request, max_bytes)
+            read = time.perf_counter()
+            try:
+                x, size = await anyio.to_thread.run_sync(model.preprocess, data, limiter=decode_limiter)
+            except ImageDecodeError as err:
+                raise _decode_error(err) from None
+            decoded = time.perf_counter()
         probs, emb = await model.batcher.submit(x)
+        done = time.perf_counter()
+        response.headers["Server-Timing"] = ", ".join(
+            f"{stage};dur={1000 * seconds:.2f}"
+            for stage, seconds in (("upload", read - start), ("decode", decoded - read), ("infer", done - decoded))
+        )
         return probs, emb, size
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
               summary="Identify the species in one photo")
     async def classify(
-        request: Request, top_k: int = Query(default_k, ge=1, le=MAX_TOP_K, description="how many classes")
+        request: Request,
+        response: Response,
+        top_k: int = Query(default_k, ge=1, le=MAX_TOP_K, description="how many classes"),
     ) -> ClassifyResponse:
-        probs, _, size = await run_model(request)
+        probs, _, size = await run_model(request, response)
         predictions, verdict = model.describe(probs, top_k)
         return ClassifyResponse(model=model.name, image=size, predictions=predictions, verdict=verdict)
 
     @app.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
               summary="The embedding of one photo (LayerNorm, then the spatial mean of the last stage)")
-    async def embed(request: Request) -> EmbedResponse:
+    async def embed(request: Request, response: Response) -> EmbedResponse:
         if not model.has_embedding:
             raise ApiError(501, "not_supported", f"model '{model.name}' does not expose embeddings")
-        _, emb, size = await run_model(request)
+        _, emb, size = await run_model(request, response)
         return EmbedResponse(model=model.name, image=size, embedding_size=len(emb), embedding=emb.tolist())
 
     @app.get("/v1/models", response_model=ModelsResponse, summary="The served models and their info")

@@ -1,17 +1,19 @@
 """Micro-batching for the service: concurrent requests are gathered into one forward pass.
 
-Each request submits one item and awaits its own result. A worker task takes up to `max_batch` pending items,
-waiting at most `max_wait_ms` for a batch to fill once the first item arrived, then runs the batch function in a
-single worker thread so the event loop keeps accepting requests while the model runs. Requests that pile up
-during a forward pass form the next batch, so under load batches fill without waiting.
+Each request submits one item and awaits its own result. A worker task takes up to `max_batch` pending items
+and runs the batch function in a single worker thread, so the event loop keeps accepting requests while the
+model runs. Requests that pile up during a forward pass form the next batch. A request still being uploaded or
+decoded announces itself with `expect()`; a batch that is not full waits for announced items, at most
+`max_wait_ms`, and never waits when nothing is on its way, so a lone request pays no batching delay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -58,8 +60,9 @@ class MicroBatcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._pending: list[tuple[T, asyncio.Future]] = []
+        self._expected = 0
         self._wakeup: asyncio.Event | None = None
-        self._full: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
 
     @property
     def pending(self) -> int:
@@ -75,8 +78,22 @@ class MicroBatcher(Generic[T, R]):
         self._loop = loop
         self._pending = []
         self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
+        self._ready = asyncio.Event()
         self._task = loop.create_task(self._work(), name=f"hierax-batcher-{self.name}")
+
+    @contextmanager
+    def expect(self) -> Iterator[None]:
+        """Announce an item on its way (being uploaded or decoded): a forming batch waits for it, at most max_wait.
+
+        Submit the item after leaving the block; leaving without submitting (a bad upload) is fine."""
+        self._ensure_worker()
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected = max(0, self._expected - 1)
+            if self._expected == 0:
+                self._ready.set()
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result; an exception raised by `fn` is raised here."""
@@ -85,17 +102,17 @@ class MicroBatcher(Generic[T, R]):
         self._pending.append((item, future))
         self._wakeup.set()
         if len(self._pending) >= self.max_batch:
-            self._full.set()
+            self._ready.set()
         return await future
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
-            if len(self._pending) < self.max_batch and self.max_wait > 0:
-                self._full.clear()
+            if len(self._pending) < self.max_batch and self._expected > 0 and self.max_wait > 0:
+                self._ready.clear()
                 try:
-                    await asyncio.wait_for(self._full.wait(), self.max_wait)
+                    await asyncio.wait_for(self._ready.wait(), self.max_wait)
                 except TimeoutError:
                     pass
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
