@@ -94,5 +94,5 @@ def test_torchrun_two_cpu_processes_merge_in_input_order(setup):
     assert [r["path"] for r in rows] == [r["path"] for r in single.rows]
     for got, want in zip(rows, single.rows, strict=True):
         assert got["label_1"] == want["label_1"] and got["prob_1"] == pytest.approx(want["prob_1"], abs=2e-6)
-    assert sorted(p for p, _ in writers.read_errors(root / "ddp.errors.csv")) == sorted(bad)
+    assert [p for p, _ in writers.read_errors(root / "ddp.errors.csv")] == sorted(bad)
     assert sorted(p.name for p in root.glob("ddp*")) == ["ddp.errors.csv", "ddp.parquet"]

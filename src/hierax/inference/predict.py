@@ -353,7 +353,7 @@ def _run(
             if ddp.rank == 0:
                 shards = [_shard_name(output, "rank", r) for r in range(ddp.world)]
                 writers.merge_outputs(shards, output, columns, paths, resume=resume)
-                _merge_errors([_shard_name(errors_path, "rank", r) for r in range(ddp.world)], errors_path)
+                _merge_errors([_shard_name(errors_path, "rank", r) for r in range(ddp.world)], errors_path, paths)
             dist.barrier()
         seconds = time.perf_counter() - start
         summary = RunSummary(len(paths), succeeded, failed, len(paths) - len(todo), seconds, output, errors_path)
@@ -365,9 +365,11 @@ def _run(
             dist.destroy_process_group()
 
 
-def _merge_errors(shards: list[Path], target: Path) -> None:
-    """Concatenate per-rank errors files into one and delete the shards."""
+def _merge_errors(shards: list[Path], target: Path, order: Sequence[str]) -> None:
+    """Merge per-rank errors files into one, in input order, and delete the shards."""
+    position = {p: i for i, p in enumerate(order)}
     rows = [row for shard in shards if shard.exists() for row in writers.read_errors(shard)]
+    rows.sort(key=lambda row: position.get(row[0], len(position)))
     with writers.ErrorsWriter(target) as out:
         out.write(rows)
     for shard in shards:
