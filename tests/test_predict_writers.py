@@ -71,3 +71,14 @@ def test_errors_writer(tmp_path):
     with writers.ErrorsWriter(tmp_path / "err.csv") as errs:
         errs.write([("a, b.jpg", "truncated image"), ("c.png", 'bad "quote"')])
     assert writers.read_errors(tmp_path / "err.csv") == [("a, b.jpg", "truncated image"), ("c.png", 'bad "quote"')]
+
+
+def test_time_based_flush(tmp_path, monkeypatch):
+    out = tmp_path / "pred.csv"
+    writer = writers.open_writer(out, COLUMNS, chunk_size=1000)
+    writer.write(rows(0, 1))
+    assert writers.done_paths(out) == set()
+    monkeypatch.setattr(writers.RowWriter, "FLUSH_SECONDS", 0.0)
+    writer.write(rows(1, 2))
+    assert writers.done_paths(out) == {"img0.jpg", "img1.jpg"}
+    writer.close()

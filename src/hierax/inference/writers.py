@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def _cut_partial_line(path: Path) -> None:
 
 
 class RowWriter(abc.ABC):
-    """Base writer: buffer rows and write them out every `chunk_size` rows. Use as a context manager."""
+    """Base writer: buffer rows and write them out every `chunk_size` rows or `FLUSH_SECONDS`, whichever comes
+    first (slow CPU runs lose little on a hard crash). Use as a context manager."""
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str], *, resume: bool = False, chunk_size: int = 256):
         self.path = Path(path)
@@ -67,12 +71,13 @@ class RowWriter(abc.ABC):
         self.chunk_size = max(1, chunk_size)
         self.rows_written = 0
         self._buffer: list[Row] = []
+        self._last_flush = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, rows: Iterable[Row]) -> None:
-        """Queue rows; every full chunk is written out at once."""
+        """Queue rows; a full chunk (or a chunk older than FLUSH_SECONDS) is written out at once."""
         self._buffer.extend(rows)
-        if len(self._buffer) >= self.chunk_size:
+        if len(self._buffer) >= self.chunk_size or time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
@@ -81,6 +86,7 @@ class RowWriter(abc.ABC):
             self._write_chunk(self._buffer)
             self.rows_written += len(self._buffer)
             self._buffer = []
+        self._last_flush = time.monotonic()
 
     @abc.abstractmethod
     def _write_chunk(self, rows: list[Row]) -> None:
