@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 MAX_UPLOAD_MB = 1
 
 
+@dataclass
+class Live:
+    url: str
+    port: int
+    log: Path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,7 +38,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Base URL of `python -m hierax serve` running a random-weight tiny model saved as .safetensors."""
+    """`python -m hierax serve` running a random-weight tiny model saved as .safetensors."""
     root = tmp_path_factory.mktemp("serve")
     net, info = tiny_model(size=32)
     checkpoint = write_checkpoint(root / "tiny-inat.safetensors", net, info)
@@ -56,7 +64,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail("hierax serve did not answer /healthz within 120 s")
             time.sleep(0.3)
-        yield url
+        yield Live(url, port, root / "server.log")
     finally:
         proc.terminate()
         try:
@@ -90,14 +98,14 @@ def _raw_request(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
 
 def test_cli_server_classifies_over_http(server):
     chelsea = chelsea_jpeg()
-    models = httpx.get(f"{server}/v1/models").json()
+    models = httpx.get(f"{server.url}/v1/models").json()
     assert models["models"][0]["name"] == "tiny-inat" and models["max_upload_bytes"] == MAX_UPLOAD_MB * 2**20
-    response = httpx.post(f"{server}/v1/classify", files={"file": ("chelsea.jpg", chelsea, "image/jpeg")}, timeout=30)
+    response = httpx.post(f"{server.url}/v1/classify", files={"file": ("chelsea.jpg", chelsea, "image/jpeg")}, timeout=30)
     assert response.status_code == 200, response.text
     preds = response.json()["predictions"]
     assert len(preds) == 5
     assert all(p["common_name"] == COMMON_NAMES[p["index"]] for p in preds)
-    with httpx.Client(base_url=server, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
         embed = client.post("/v1/embed", content=chelsea, headers={"Content-Type": "image/jpeg"})
         assert embed.status_code == 200 and embed.json()["embedding_size"] == 128
         bad = client.post("/v1/classify", content=b"not a photo", headers={"Content-Type": "image/jpeg"})
@@ -105,7 +113,7 @@ def test_cli_server_classifies_over_http(server):
 
 
 def test_declared_oversize_is_refused_before_the_body_is_sent(server):
-    port = int(server.rsplit(":", 1)[1])
+    port = server.port
     head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: 104857600\r\n\r\n")
     answer = _raw_request(port, head, [])
@@ -115,14 +123,26 @@ def test_declared_oversize_is_refused_before_the_body_is_sent(server):
 
 def test_streamed_upload_is_cut_off_at_the_limit(server):
     """A chunked body with no declared length: the answer arrives after ~1 MiB although the body never ends."""
-    port = int(server.rsplit(":", 1)[1])
+    port = server.port
     head = b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
     piece = b"\xff" * 65536
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (2 * MAX_UPLOAD_MB * 16)
     answer = _raw_request(port, head, chunks)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"error":"too_large"' in answer
-    assert httpx.get(f"{server}/healthz").status_code == 200
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_client_leaving_mid_upload_is_not_a_server_error(server):
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(head + b"\xff\xd8" + b"\x00" * 1000)
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    time.sleep(0.3)
+    log = server.log.read_text()
+    assert "Traceback" not in log and "500 Internal" not in log, log[-2000:]
 
 
 @pytest.mark.slow
@@ -139,7 +159,7 @@ def test_browser_end_to_end(server, tmp_path):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
-            page.goto(server + "/")
+            page.goto(server.url + "/")
             page.wait_for_selector("#model:has-text('tiny-inat')")
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#results li.prediction >> nth=4", timeout=30_000)

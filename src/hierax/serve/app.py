@@ -110,7 +110,7 @@ class ServedModel:
         self.embedding_size = getattr(net, "embedding_size", None) if self.has_embedding else None
         self.taxonomy = Taxonomy(info.class_names, common_names)
         self.thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
-        if self.taxonomy.is_taxonomic:
+        if self.taxonomy.is_taxonomic:  # build the per-rank group tables now rather than on the first request
             self.taxonomy.rollup(np.full(info.num_classes, 1.0 / info.num_classes), self.thresholds)
         self.batcher: MicroBatcher[torch.Tensor, tuple[np.ndarray, np.ndarray | None]] = MicroBatcher(
             self._forward, max_batch=max_batch, max_wait_ms=max_wait_ms, name=name

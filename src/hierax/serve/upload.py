@@ -8,6 +8,7 @@ over it is refused before reading, and a stream that grows past it is cut off at
 from __future__ import annotations
 
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -46,17 +47,20 @@ def _declared_length(request: Request) -> int | None:
 async def read_image_upload(request: Request, max_bytes: int) -> bytes:
     """The encoded image bytes of a request; ApiError 400/413/415 when there is none, it is too big or mistyped."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
-    if ctype == b"multipart/form-data":
-        data = await _read_multipart(request, params.get(b"boundary"), max_bytes)
-    elif _is_image_type(ctype):
-        data = await _read_raw(request, max_bytes)
-    else:
+    if not (ctype == b"multipart/form-data" or _is_image_type(ctype)):
         raise ApiError(
             415,
             "unsupported_media_type",
             f"Content-Type '{ctype.decode('latin-1')}' is not accepted: send the image as multipart/form-data "
             "(field 'file') or as the raw body typed image/* or application/octet-stream",
         )
+    try:
+        if ctype == b"multipart/form-data":
+            data = await _read_multipart(request, params.get(b"boundary"), max_bytes)
+        else:
+            data = await _read_raw(request, max_bytes)
+    except ClientDisconnect:
+        raise ApiError(400, "disconnected", "the client closed the connection during the upload") from None
     if not data:
         raise ApiError(400, "empty", "empty upload: the image has 0 bytes")
     return data
