@@ -42,12 +42,12 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g)  # a tensor: no Python int per image on large sets
         span = self.batch_size * self.world_size
         for m in range(self.start, self.micro_batches):
             first = m * span + self.rank * self.batch_size
             yield [
-                (order[p], sample_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)
+                (int(order[p]), sample_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)
             ]
 
 
