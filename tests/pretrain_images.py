@@ -49,6 +49,17 @@ def texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _photo_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random square crop (25-80% of the short side) of `photo` with a random colour cast, resized to `size`."""
+    h, w = photo.shape[:2]
+    side = int(rng.uniform(0.25, 0.8) * min(h, w))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = photo[top : top + side, left : left + side].astype(np.float32)
+    crop = crop * rng.uniform(0.6, 1.3, size=3) + rng.uniform(-30, 30)
+    image = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    return np.asarray(image)
+
+
 def make_unlabelled(folder: Path, photo_crops: int = 64, textures: int = 64, size: int = 80, seed: int = 0) -> Path:
     """Random crops (with colour variants) of the package photos plus generated textures, as PNG files in nested
     folders; returns `folder`."""
@@ -57,14 +68,8 @@ def make_unlabelled(folder: Path, photo_crops: int = 64, textures: int = 64, siz
     (folder / "photos" / "crops").mkdir(parents=True, exist_ok=True)
     (folder / "textures").mkdir(parents=True, exist_ok=True)
     for i in range(photo_crops):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.uniform(0.25, 0.8) * min(h, w))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = photo[top : top + side, left : left + side].astype(np.float32)
-        crop = crop * rng.uniform(0.6, 1.3, size=3) + rng.uniform(-30, 30)
-        image = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        image.save(folder / "photos" / "crops" / f"photo_{i:04d}.png")
+        image = _photo_crop(photos[i % len(photos)], size, rng)
+        Image.fromarray(image).save(folder / "photos" / "crops" / f"photo_{i:04d}.png")
     for i in range(textures):
         kind = TEXTURE_CLASSES[i % len(TEXTURE_CLASSES)]
         Image.fromarray(texture(kind, size, rng)).save(folder / "textures" / f"texture_{i:04d}.png")
@@ -78,5 +83,16 @@ def make_labelled_textures(per_class: int, size: int, seed: int) -> tuple[np.nda
     for label, kind in enumerate(TEXTURE_CLASSES):
         for _ in range(per_class):
             images.append(texture(kind, size, rng))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels)
+
+
+def make_labelled_photo_crops(per_class: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 random crops with colour casts of each package photo, labelled by photo."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, photo in enumerate(_photos()):
+        for _ in range(per_class):
+            images.append(_photo_crop(photo, size, rng))
             labels.append(label)
     return np.stack(images), np.asarray(labels)

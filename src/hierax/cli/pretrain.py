@@ -1,0 +1,123 @@
+"""`hierax pretrain --data DIR --network NAME [--size] [--epochs N] [--batch-size N] [--output-dir DIR] [--resume]`:
+DINOv2 self-supervised pretraining of a HieraDet backbone on unlabelled images.
+
+A thin shell over `hierax.training.dino_v2.pretrain`. The result, OUTPUT_DIR/model.pt, is a backbone checkpoint
+(reference .pt layout, no classifier) for `hierax train --init-from`. Run under `torchrun --nproc-per-node N -m
+hierax pretrain ...` for DDP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from hierax.errors import HieraxError
+from hierax.training.dino_v2 import DinoConfig, pretrain
+
+COMMAND = "pretrain"
+HELP = "DINOv2 self-supervised pretraining of a backbone on unlabelled images"
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--data", required=True,
+                      help="images: a folder (searched recursively; class folders are fine, labels are ignored), "
+                           "a list or CSV file, a glob or an iNat21 .json")
+    data.add_argument("--network", default="hieradet_d_small", help="architecture (default hieradet_d_small)")
+    data.add_argument("--model-config", type=_json_object, default={},
+                      help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
+    data.add_argument("--size", type=int, default=224, help="global crop side (default 224)")
+    data.add_argument("--local-size", type=int, help="local crop side (default: 96/224 of --size)")
+    data.add_argument("--local-crops", type=int, default=8, help="local crops per image (default 8)")
+    data.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"), help="where model.pt and logs go")
+    data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
+    data.add_argument("--knn-data", help="labelled folder for a k-NN top-1 probe (leave-one-out) of the teacher")
+    data.add_argument("--knn-every", type=int, default=0, help="steps between k-NN probes (default: each epoch end)")
+
+    method = parser.add_argument_group("method (DINOv2 defaults)")
+    method.add_argument("--prototypes", type=int, default=65536, help="prototypes of each head (K)")
+    method.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head MLPs")
+    method.add_argument("--head-bottleneck", type=int, default=256, help="bottleneck width of the heads")
+    method.add_argument("--targets", choices=("sinkhorn", "centering"), default="sinkhorn",
+                        help="teacher targets: Sinkhorn-Knopp (3 iterations) or softmax centering")
+    method.add_argument("--koleo", type=float, default=0.1, help="KoLeo weight")
+    method.add_argument("--ibot", type=float, default=1.0, help="iBOT loss weight")
+
+    run_ = parser.add_argument_group("schedule")
+    run_.add_argument("--epochs", type=int, default=100)
+    run_.add_argument("--batch-size", type=int, default=64, help="per process and accumulation step")
+    run_.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    run_.add_argument("--lr", type=float, help="peak learning rate (default 0.004 x sqrt(global batch / 1024))")
+    run_.add_argument("--warmup-epochs", type=float, help="default: 10 epochs, at most 10%% of the run")
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
+    system.add_argument("--compile", action="store_true", help="torch.compile the student")
+    system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    system.add_argument("--seed", type=int, default=0)
+    system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
+    system.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also save the training state every N steps (default: each epoch end)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs < 1 or args.batch_size < 1:
+        raise HieraxError("--epochs and --batch-size must be at least 1")
+    config = DinoConfig(
+        num_prototypes=args.prototypes,
+        head_hidden_dim=args.head_hidden,
+        head_bottleneck_dim=args.head_bottleneck,
+        targets=args.targets,
+        koleo_weight=args.koleo,
+        ibot_weight=args.ibot,
+        knn_path=args.knn_data,
+        knn_every=args.knn_every,
+    )
+    options = dict(
+        accum_steps=args.accum_steps,
+        amp=False if args.no_amp else None,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        num_workers=args.workers,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=args.device,
+    )
+    if args.warmup_epochs is not None:
+        options["warmup_epochs"] = args.warmup_epochs
+    history = pretrain(
+        args.data,
+        args.network,
+        args.output_dir,
+        size=args.size,
+        local_size=args.local_size,
+        local_crops=args.local_crops,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        config=config,
+        network_config=args.model_config,
+        **options,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = next((r for r in reversed(history) if r.get("split") == "train"), {})
+        summary = f"backbone: {args.output_dir / 'model.pt'}"
+        if last:
+            summary += f" (dino loss {last['dino_loss']:.4f}, ibot loss {last['ibot_loss']:.4f})"
+        print(summary)
+    return 0
