@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierax.inference.evaluate import calibration, compute_metrics, evaluate, format_summary, most_confused
+from hierax.data.datasets import load_labelled
+from hierax.data.taxonomy import Taxonomy
+from hierax.errors import HieraxError
+from hierax.inference.evaluate import (
+    calibration,
+    compute_metrics,
+    evaluate,
+    format_summary,
+    map_labels,
+    most_confused,
+)
 from tests.data_fixtures import CLASS_NAMES, make_checkpoint, make_inat_dataset, write_bad_files
 
 
@@ -65,3 +75,12 @@ def test_evaluate_inat_dataset(tmp_path):
         with Image.open(tmp_path / "eval" / png) as image:
             assert image.size[0] > 200 and image.size[1] > 200
     assert "per rank" in (tmp_path / "eval" / "summary.txt").read_text()
+
+
+def test_map_labels_by_binomial_common_name_or_index(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,Corvus corone\nb.jpg,english oak\nc.jpg,2\n")
+    taxonomy = Taxonomy(CLASS_NAMES, {3: "English Oak"})
+    assert map_labels(load_labelled(tmp_path / "labels.csv"), taxonomy).tolist() == [1, 3, 2]
+    (tmp_path / "bad.csv").write_text("path,label\na.jpg,Unicornus magicus\n")
+    with pytest.raises(HieraxError, match="not among the model's classes: Unicornus magicus"):
+        map_labels(load_labelled(tmp_path / "bad.csv"), taxonomy)

@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--root", help="folder the dataset's relative image paths start from")
     parser.add_argument("--output-dir", help="write report.json, summary.txt and the PNG figures here")
+    parser.add_argument("--common-names", help="JSON index -> common name (lets dataset labels be common names)")
     parser.add_argument("--confusion-classes", type=int, default=20, help="classes in the confusion matrix (20)")
 
 
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         output_dir=args.output_dir,
         root=args.root,
+        common_names=args.common_names,
         confusion_classes=args.confusion_classes,
         **model_kwargs(args),
     )

@@ -185,25 +185,35 @@ class Taxonomy:
                     results[row] = Rollup(rank, names[group], p, common)
         return [r if r is not None else Rollup("", "", 0.0) for r in results]
 
-    def resolve_species_list(self, entries: Iterable[str]) -> np.ndarray:
-        """Class indices named by entries: full class names, binomials ('Corvus corax' or 'Corvus_corax'),
-        common names, or numeric indices. Unknown entries are logged; none matching raises HieraxError."""
+    @cached_property
+    def _lookup(self) -> dict[str, int]:
         by_key: dict[str, int] = {}
         for i, name in enumerate(self.class_names):
             by_key[_key(name)] = i
             if self.taxa[i] is not None:
-                by_key[_key(self.taxa[i].species)] = i  # type: ignore[union-attr]
+                by_key.setdefault(_key(self.taxa[i].species), i)  # type: ignore[union-attr]
         for i, common in self.common_names.items():
             by_key.setdefault(_key(common), i)
+        return by_key
+
+    def index_of(self, name: str) -> int | None:
+        """The class index a name refers to: full class name, binomial ('Corvus corax' or 'Corvus_corax'),
+        common name, or numeric index; None when nothing matches."""
+        found = self._lookup.get(_key(name))
+        if found is None and name.strip().isdigit() and int(name) < len(self.class_names):
+            found = int(name)
+        return found
+
+    def resolve_species_list(self, entries: Iterable[str]) -> np.ndarray:
+        """Class indices named by entries (see index_of). Unknown entries are logged; none matching raises."""
         found: list[int] = []
         missing: list[str] = []
         for entry in entries:
-            if _key(entry) in by_key:
-                found.append(by_key[_key(entry)])
-            elif entry.isdigit() and int(entry) < len(self.class_names):
-                found.append(int(entry))
-            else:
+            index = self.index_of(entry)
+            if index is None:
                 missing.append(entry)
+            else:
+                found.append(index)
         if missing:
             logger.warning("%d species-list entries match no class: %s", len(missing), ", ".join(missing[:10]))
         if not found:

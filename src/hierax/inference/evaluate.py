@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from hierax.data.datasets import load_labelled
-from hierax.data.taxonomy import RANKS, Taxonomy, top_k
+from hierax.data.datasets import LabelledData, load_labelled
+from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, top_k
+from hierax.errors import HieraxError
 from hierax.inference.predict import DEFAULT_MODEL, ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.transforms import classification_transform
 
@@ -166,6 +167,21 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def map_labels(data: LabelledData, taxonomy: Taxonomy) -> np.ndarray:
+    """The dataset's labels as model class indices. Dataset class names may be the model's names, binomials
+    ('Corvus corax'), common names or indices; a used class that matches none raises HieraxError."""
+    lut = np.full(data.num_classes, -1, dtype=np.int64)
+    for name, index in data.class_to_idx.items():
+        found = taxonomy.index_of(name)
+        lut[index] = -1 if found is None else found
+    used = np.unique(data.labels)
+    unknown = [data.class_names[i] for i in used if lut[i] < 0]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise HieraxError(f"{len(unknown)} dataset class(es) are not among the model's classes: {shown}")
+    return lut[data.labels]
+
+
 def evaluate(
     dataset: str | os.PathLike,
     model: ModelSpec = DEFAULT_MODEL,
@@ -178,16 +194,20 @@ def evaluate(
     amp: bool = False,
     tta: bool = False,
     size: tuple[int, int] | int | None = None,
+    common_names: str | os.PathLike | None = None,
     confusion_classes: int = 20,
     bins: int = 15,
     progress: bool = True,
 ) -> dict:
     """Evaluate `model` on a labelled dataset (class folders, iNat21 JSON or CSV); returns the report dict and,
-    with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there."""
+    with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there.
+    common_names (JSON index -> name, or iNat21 JSON) lets dataset labels be common names."""
     net, info = resolve_model(model, device=device, size=size)
-    data = load_labelled(dataset, root=root, class_to_idx=info.class_to_idx)
+    data = load_labelled(dataset, root=root)
+    names = load_common_names(common_names, info.class_names) if common_names else None
+    model_labels = map_labels(data, Taxonomy(info.class_names, names))
     transform = classification_transform(info.size, info.rgb_stats)
-    loader = make_loader(data.paths, transform, batch_size=batch_size, workers=workers, labels=data.labels)
+    loader = make_loader(data.paths, transform, batch_size=batch_size, workers=workers, labels=model_labels)
     labels, top5, confidence, errors = [], [], [], []
     for result in iter_predictions(net, loader, amp=amp, tta=tta, progress=progress, total=len(data)):
         errors.extend((path, reason) for _, path, reason in result.errors)
