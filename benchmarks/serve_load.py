@@ -180,7 +180,8 @@ def main() -> int:
         print(f"  unexpected answers: {len(load['errors'])}")
         for err in load["errors"][:5]:
             print(f"    {err}")
-        print(f"  latency p50 {load['p50']:.1f} ms, p95 {load['p95']:.1f} ms; throughput {load['throughput']:.1f} req/s")
+        print(f"  latency p50 {load['p50']:.1f} ms, p95 {load['p95']:.1f} ms; "
+              f"throughput {load['throughput']:.1f} req/s")
         stages = ", ".join(f"{k} {v:.1f}" for k, v in load["stage_p50"].items())
         print(f"  inside the server (Server-Timing): p50 {load['server_p50']:.1f} ms, p95 {load['server_p95']:.1f} ms; "
               f"stage p50s: {stages} ms")

@@ -28,7 +28,9 @@ COMMON_NAMES = {0: "Domestic Cat", 1: "Bobcat", 2: "Lion", 3: "Coyote", 4: "Comm
 TINY_CONFIG = {"depths": [1, 1, 1, 1], "embed_dim": 16}
 
 
-def tiny_model(size: int = 32, class_names: list[str] = CLASS_NAMES, seed: int = 0) -> tuple[torch.nn.Module, ModelInfo]:
+def tiny_model(
+    size: int = 32, class_names: list[str] = CLASS_NAMES, seed: int = 0
+) -> tuple[torch.nn.Module, ModelInfo]:
     """A random-weight hieradet_d_tiny (one block per stage, width 16) and its ModelInfo."""
     torch.manual_seed(seed)
     net = create_model("hieradet_d_tiny", len(class_names), **TINY_CONFIG).eval()
@@ -57,4 +59,5 @@ def bomb_png(side: int = 30_000) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body

@@ -100,7 +100,8 @@ def test_cli_server_classifies_over_http(server):
     chelsea = chelsea_jpeg()
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["models"][0]["name"] == "tiny-inat" and models["max_upload_bytes"] == MAX_UPLOAD_MB * 2**20
-    response = httpx.post(f"{server.url}/v1/classify", files={"file": ("chelsea.jpg", chelsea, "image/jpeg")}, timeout=30)
+    files = {"file": ("chelsea.jpg", chelsea, "image/jpeg")}
+    response = httpx.post(f"{server.url}/v1/classify", files=files, timeout=30)
     assert response.status_code == 200, response.text
     preds = response.json()["predictions"]
     assert len(preds) == 5
@@ -124,7 +125,8 @@ def test_declared_oversize_is_refused_before_the_body_is_sent(server):
 def test_streamed_upload_is_cut_off_at_the_limit(server):
     """A chunked body with no declared length: the answer arrives after ~1 MiB although the body never ends."""
     port = server.port
-    head = b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
     piece = b"\xff" * 65536
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (2 * MAX_UPLOAD_MB * 16)
     answer = _raw_request(port, head, chunks)

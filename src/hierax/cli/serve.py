@@ -13,7 +13,8 @@ HELP = "serve a model over HTTP: POST /v1/classify, /v1/embed, and a web page at
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `hierax serve`."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name or checkpoint path (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="registry name or checkpoint path (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (default: %(default)s)")
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a batch waits to fill after its first image (default: %(default)s)")
     parser.add_argument("--max-upload-mb", type=float, default=20.0,
                         help="largest accepted upload in MiB (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=5, help="predictions per answer unless asked (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="predictions per answer unless a request asks (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--common-names", default=None,
                         help="JSON of class index -> common name, or an iNat21 annotation file")
