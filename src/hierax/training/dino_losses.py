@@ -27,7 +27,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     DDP the sums run over all processes."""
     logits = teacher_logits.float() / temperature
     # subtracting the global max keeps exp finite and cancels out in the normalisation
-    shift = logits.max().detach()
+    shift = logits.max().detach() if logits.numel() else logits.new_tensor(-torch.inf)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
     q = torch.exp(logits - shift).t()  # (K, N)
