@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from hierax.errors import HieraxError
 from hierax.models import create_model
 from hierax.training import optim
 from hierax.training.engine import ModelEMA
@@ -93,18 +94,28 @@ def test_data_order_is_shared_between_one_and_two_processes():
     assert other_epoch != single
 
 
+class Noisy(torch.utils.data.Dataset):
+    """Four random samples; the indices in `bad` are unreadable."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.bad = bad
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        error = "truncated image" if i in self.bad else None
+        return {"index": i, "path": f"img{i}", "image": torch.rand(3), "error": error}
+
+
 def test_seeded_samples_are_reproducible_and_replace_bad_ones():
-    class Noisy(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            error = "truncated image" if i == 1 else None
-            return {"index": i, "path": f"img{i}", "image": torch.rand(3), "error": error}
-
-    data = SeededSamples(Noisy())
+    data = SeededSamples(Noisy({1}))
     a, skipped_a = data[(0, 123)]
     b, _ = data[(0, 123)]
     assert torch.equal(a["image"], b["image"]) and skipped_a == []
     replaced, skipped = data[(1, 7)]
-    assert replaced["index"] == 2 and skipped == [(1, "img1", "truncated image")]
+    assert replaced["error"] is None and skipped[0] == (1, "img1", "truncated image")
+    assert all(s == (1, "img1", "truncated image") for s in skipped)
+    assert data[(1, 7)][0]["index"] == replaced["index"]
+    with pytest.raises(HieraxError, match="4 samples in a row failed"):
+        SeededSamples(Noisy({0, 1, 2, 3}), max_retries=3)[(0, 1)]

@@ -52,8 +52,9 @@ class EpochBatchSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset: item (index, seed) runs the base item under a torch RNG seeded by `seed`; a dict sample
-    with an "error" is recorded and replaced by the next index. Items are (sample, [(index, path, reason)])."""
+    """Wraps a dataset: item (index, seed) runs the base item under a torch RNG seeded by `seed`. A dict sample
+    with an "error" is recorded and replaced by another index drawn from `seed` (not the next one, so a whole
+    folder of bad files does not exhaust the retries). Items are (sample, [(index, path, reason)])."""
 
     def __init__(self, base: Dataset, max_retries: int = 16) -> None:
         self.base, self.max_retries = base, max_retries
@@ -65,15 +66,19 @@ class SeededSamples(Dataset):
         index, seed = item
         skipped = []
         for attempt in range(self.max_retries + 1):
+            if attempt:
+                g = torch.Generator().manual_seed(seed + attempt)
+                index = int(torch.randint(len(self.base), (), generator=g))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + attempt)
-                sample = self.base[(index + attempt) % len(self.base)]
+                sample = self.base[index]
             error = sample.get("error") if isinstance(sample, dict) else None
             if error is None:
                 return sample, skipped
-            skipped.append((int(sample.get("index", index + attempt)), str(sample.get("path", "")), str(error)))
+            skipped.append((int(sample.get("index", index)), str(sample.get("path", "")), str(error)))
         raise HieraxError(
-            f"{self.max_retries + 1} consecutive samples failed to load, last: {skipped[-1][1]}: {skipped[-1][2]}"
+            f"{self.max_retries + 1} samples in a row failed to load (is most of the data unreadable?), last: "
+            f"{skipped[-1][1]}: {skipped[-1][2]}"
         )
 
 
