@@ -47,6 +47,13 @@ def peak_rss_mb() -> tuple[float, float]:
     return own, child
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its finished children (the DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
@@ -83,24 +90,32 @@ def main(argv: list[str] | None = None) -> int:
         warm = transform(decode_image(paths[0]))[None].repeat(args.batch_size, 1, 1, 1)
         infer_batch(net, warm, amp=args.amp)
 
+        cpu0 = cpu_seconds()
         start = time.perf_counter()
         summary = predict([folder], (net, info), output=Path(tmp) / "out.csv", batch_size=args.batch_size,
                           workers=args.workers, amp=args.amp, progress=False)
         e2e_wall = time.perf_counter() - start
+        cpu1 = cpu_seconds()
         own_rss, worker_rss = peak_rss_mb()
         assert summary.succeeded == args.images, summary.line()
 
         batches = [torch.stack([transform(decode_image(p)) for p in paths[i : i + args.batch_size]])
                    for i in range(0, len(paths), args.batch_size)]
+        cpu2 = cpu_seconds()
         start = time.perf_counter()
         for batch in batches:
             infer_batch(net, batch, amp=args.amp)
         model_wall = time.perf_counter() - start
+        model_cpu = cpu_seconds()[0] - cpu2[0]
 
     e2e_rate, model_rate = args.images / e2e_wall, args.images / model_wall
     print(f"end to end : {e2e_rate:7.2f} images/s  ({e2e_wall:.1f} s wall for {args.images} images)")
     print(f"model only : {model_rate:7.2f} images/s  ({model_wall:.1f} s)")
     print(f"ratio      : {e2e_rate / model_rate:.3f} (goal >= 0.95)")
+    main_cpu, worker_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    print(f"CPU time   : end to end {(main_cpu + worker_cpu) / args.images:.3f} s/image (main {main_cpu:.1f} s + "
+          f"workers {worker_cpu:.1f} s), model only {model_cpu / args.images:.3f} s/image; "
+          f"ratio {model_cpu / (main_cpu + worker_cpu):.3f} (independent of other load on the machine)")
     print(f"peak RSS   : main {own_rss:.0f} MiB during predict, largest worker {worker_rss:.0f} MiB")
     return 0
 
