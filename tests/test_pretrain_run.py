@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hierax.training.dino_monitor import embed_images, knn_top1
 from hierax.training.dino_v2 import DinoConfig, build_student, pretrain
+from hierax.training.engine import TrainConfig
+from hierax.training.supervised import FineTuneConfig, train_classifier
 from hierax.transforms import DEFAULT_RGB_STATS
 from hierax.weights.files import read_checkpoint
 from hierax.weights.load import load_pretrained_model
@@ -28,6 +31,8 @@ TINY = {"depths": (1, 1, 1, 1), "embed_dim": 16, "drop_path_rate": 0.0}
 # (measured: +0.20 to +0.25 on photo crops over seeds 0-2; textures within +-0.05 of the random init)
 PHOTO_GAIN = 0.10
 MAX_LOSS = 0.06
+# fine-tuning on 40 labelled photo crops for 20 steps: measured 0.575 from the backbone against 0.425 from random init
+FINE_TUNE_GAIN = 0.05
 
 
 def tiny_config() -> DinoConfig:
@@ -83,26 +88,60 @@ def run(data: Path, out: Path, epochs: int, **options) -> list[dict]:
                     config=tiny_config(), network_config=TINY, num_workers=0, seed=0, **options)
 
 
+@pytest.fixture(scope="module")
+def pretrained(unlabelled, tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("pretrained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = run(unlabelled, out, epochs=20, log_every=16)
+    finally:
+        torch.set_num_threads(threads)
+    return out, history
+
+
 @pytest.mark.slow
-def test_pretraining_lowers_the_losses_and_beats_random_init_on_knn(unlabelled, probes, tmp_path):
-    history = run(unlabelled, tmp_path / "run", epochs=20, log_every=16)
+def test_pretraining_lowers_the_losses_and_beats_random_init_on_knn(pretrained, probes):
+    out, history = pretrained
     train = [r for r in history if r["split"] == "train"]
     for term in ("dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "feature_std", "teacher_temp"):
         assert all(np.isfinite(r[term]) for r in train), term
     first, last = train[0], np.mean([r["dino_loss"] for r in train[-3:]])
     assert last < first["dino_loss"] - 0.05
     assert np.mean([r["ibot_loss"] for r in train[-3:]]) < first["ibot_loss"] - 0.2
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"dino_loss", "ibot_loss", "koleo_loss"} <= set(logged[0])
 
-    net, info = load_pretrained_model(tmp_path / "run" / "model.pt")
+    net, info = load_pretrained_model(out / "model.pt")
     assert info.network == NETWORK and info.num_classes == 0 and info.size == (64, 64)
-    state, _ = read_checkpoint(tmp_path / "run" / "model.pt")
+    state, _ = read_checkpoint(out / "model.pt")
     assert not any(k.startswith(("classifier", "dino_head", "ibot_head", "mask_token")) for k in state)
     trained, random_init = knn_scores(net, probes), random_init_scores(probes)
     print(f"k-NN top-1 random init {random_init}, after 160 steps {trained}")
     assert trained["photos"] >= random_init["photos"] + PHOTO_GAIN
     assert trained["textures"] >= random_init["textures"] - MAX_LOSS
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
+    def write(split: str, per_class: int, seed: int) -> Path:
+        images, labels = make_labelled_photo_crops(per_class, 64, seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp_path / split / f"photo{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+        return tmp_path / split
+
+    train, val = write("train", 8, 21), write("val", 16, 22)
+    top1 = {}
+    for name, init in (("random", None), ("pretrained", str(pretrained[0] / "model.pt"))):
+        options = FineTuneConfig(data=str(train), val=str(val), network=NETWORK, init_from=init, size=(64, 64),
+                                 model_config=dict(TINY), augment="none", crop_scale=(0.5, 1.0), mix_prob=0.0)
+        config = TrainConfig(output_dir=tmp_path / name, epochs=5, batch_size=10, lr=2e-3, num_workers=0,
+                             log_every=100)
+        top1[name] = [r["top1"] for r in train_classifier(options, config).history if r["split"] == "val"][-1]
+    print(f"fine-tuning val top-1 after 20 steps: {top1}")
+    assert top1["pretrained"] >= top1["random"] + FINE_TUNE_GAIN
 
 
 def test_a_three_epoch_run_does_not_hurt_the_features(unlabelled, probes, tmp_path):
