@@ -283,7 +283,8 @@ class HieraDet(nn.Module):
         keyed by the parameters' identity and version so that loading new weights invalidates it: the bicubic
         resize otherwise costs 1-3% of a forward pass."""
         cacheable = not (self.training or torch.is_grad_enabled() or torch.jit.is_tracing())
-        if not cacheable or torch.compiler.is_compiling():
+        # Parameters created under inference_mode have no version counter to key the cache on.
+        if not cacheable or torch.compiler.is_compiling() or self.pos_embed.is_inference():
             return self._compute_position_embedding(h, w)
         key = (h, w, *((p.data_ptr(), p._version, p.dtype) for p in (self.pos_embed, self.pos_embed_win)))
         pos = self._pos_cache.get(key)

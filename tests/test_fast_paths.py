@@ -1,0 +1,126 @@
+"""Every fast path gives the plain path's outputs: CPU matmul attention vs the fused kernel, the cached position
+embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and torch.compile.
+
+Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierax.models import create_model, hieradet
+from tests.conftest import TINY
+
+FP32_TOL = 1e-5
+BF16_REL_TOL = 0.05
+
+
+def _tiny(network="hieradet_d_tiny", seed=0):
+    torch.manual_seed(seed)
+    return create_model(network, 7, **TINY).eval()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (36, 1, 64, 64),  # stage-1 windows
+        (9, 2, 16, 64),  # pooled queries against a previous-stage window
+        (2, 4, 144, 144),  # global attention
+    ],
+)
+def test_matmul_attention_matches_fused_kernel(shape, dtype, tol):
+    b, heads, queries, keys = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, heads, queries, 32, generator=g).to(dtype)
+    k = torch.randn(b, heads, keys, 32, generator=g).to(dtype)
+    v = torch.randn(b, heads, keys, 32, generator=g).to(dtype)
+    got = hieradet.attention(q, k, v)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("network", ["hieradet_d_tiny", "hieradet_tiny"])
+def test_model_attention_paths_agree(monkeypatch, network):
+    """The whole network, windowed and global blocks, with the matmul form and with the fused kernel."""
+    net = _tiny(network)
+    x = torch.randn(2, 3, 96, 80)
+    with torch.inference_mode():
+        fast = net(x)
+        monkeypatch.setattr(hieradet, "_CPU_MATMUL_ATTENTION_MAX", -1)
+        fused = net(x)
+    assert (fast - fused).abs().max().item() <= FP32_TOL
+
+
+def test_position_embedding_cache_matches_and_follows_weights():
+    net = _tiny()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        plain = net._compute_position_embedding(16, 24)
+        cached = net.position_embedding(16, 24)
+        assert torch.equal(cached, plain)
+        assert net.position_embedding(16, 24) is cached, "second call is served from the cache"
+        before = net(x)
+        state = net.state_dict()
+        state["pos_embed"] = state["pos_embed"] + 0.5 * torch.randn_like(state["pos_embed"])
+        net.load_state_dict(state)
+        assert torch.equal(net.position_embedding(16, 24), net._compute_position_embedding(16, 24))
+        after = net(x)
+    assert not torch.allclose(before, after)
+    fresh = _tiny()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x))
+
+
+def test_position_embedding_not_cached_when_training_or_with_grad():
+    net = _tiny()
+    net(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
+    assert not net._pos_cache
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    assert not net._pos_cache
+
+
+def test_cache_stays_small():
+    net = _tiny()
+    with torch.no_grad():
+        for side in range(64, 64 + 4 * 12, 4):
+            net.position_embedding(side // 4, side // 4)
+    assert len(net._pos_cache) <= 8
+
+
+def test_channels_last_input_gives_the_same_outputs():
+    net = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert (net(x.contiguous(memory_format=torch.channels_last)) - net(x)).abs().max().item() <= FP32_TOL
+
+
+def test_bfloat16_weights_and_autocast_track_fp32():
+    net = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = net(x).float()
+        weights = create_model("hieradet_d_tiny", 7, **TINY).eval()
+        weights.load_state_dict(net.state_dict())
+        bf16 = weights.to(torch.bfloat16)(x.bfloat16()).float()
+    scale = ref.abs().max().item()
+    assert (autocast - ref).abs().max().item() <= BF16_REL_TOL * scale
+    assert (bf16 - ref).abs().max().item() <= BF16_REL_TOL * scale
+
+
+def test_torch_compile_captures_the_same_graph():
+    """torch.compile's graph capture (the position embedding is recomputed inside the graph, not cached).
+    The aot_eager backend keeps this fast on CPU; inductor's kernels are PyTorch's to test."""
+    net = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        compiled = torch.compile(net, backend="aot_eager", dynamic=False)
+        assert (compiled(x) - ref).abs().max().item() <= FP32_TOL
+        assert (compiled(x[:1]) - ref[:1]).abs().max().item() <= FP32_TOL
