@@ -84,7 +84,7 @@ def test_init_from_keeps_a_matching_head_and_replaces_another(trained, caplog):
     assert torch.equal(other.body.stage3[0].attn.qkv.weight, state["body.stage3.0.attn.qkv.weight"])
 
 
-def test_init_from_a_sam2_file(tmp_path, trained):
+def test_init_from_a_sam2_file(tmp_path, trained, caplog):
     _, out, _ = trained
     state = torch.load(out / "model.pt", weights_only=True)["state"]
     blocks = sorted({m.group(0) for k in state if (m := re.match(r"body\.stage\d\.\d+", k))})
@@ -100,8 +100,10 @@ def test_init_from_a_sam2_file(tmp_path, trained):
         sam2[f"image_encoder.trunk.{key}"] = value
     path = tmp_path / "sam2_tiny.pt"
     torch.save({"model": sam2}, path)
-    net, *_ = build_model("hieradet_d_tiny", {"x": 0, "y": 1, "z": 2}, str(path), {"depths": [1, 1, 1, 1],
-                                                                                 "embed_dim": 16})
+    with caplog.at_level(logging.INFO, logger="hierax.training.supervised"):
+        net, *_ = build_model("hieradet_d_tiny", {"x": 0, "y": 1, "z": 2}, str(path),
+                              {"depths": [1, 1, 1, 1], "embed_dim": 16})
+    assert "(a backbone): added a new 3-class head" in caplog.text
     assert torch.equal(net.body.stage2[0].mlp[3].weight, state["body.stage2.0.mlp.3.weight"])
     assert net.classifier.weight.shape[0] == 3
 

@@ -105,10 +105,12 @@ def build_model(
         and info.class_to_idx == class_to_idx
         and tuple(state["classifier.weight"].shape) == tuple(model.classifier.weight.shape)
     )
-    if not head_fits:
-        old = f"the {info.num_classes}-class head" if "classifier.weight" in state else "no head"
+    if not head_fits and "classifier.weight" in state:
+        logger.info("init from %s: replaced the %d-class head by a new %d-class head", path.name,
+                    state["classifier.weight"].shape[0], num_classes)
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        logger.info("init from %s: replaced %s by a new %d-class head", path.name, old, num_classes)
+    elif not head_fits:
+        logger.info("init from %s (a backbone): added a new %d-class head", path.name, num_classes)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("classifier.")]
     if missing or result.unexpected_keys:
