@@ -145,7 +145,18 @@ def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
 
 
 def test_a_three_epoch_run_does_not_hurt_the_features(unlabelled, probes, tmp_path):
-    run(unlabelled, tmp_path / "short", epochs=3)
+    images, labels = make_labelled_textures(6, 64, 31)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = tmp_path / "knn" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    config = tiny_config()
+    config.knn_path = str(tmp_path / "knn")
+    history = pretrain(unlabelled, NETWORK, tmp_path / "short", size=64, local_size=32, local_crops=2, epochs=3,
+                       batch_size=16, config=config, network_config=TINY, num_workers=0, seed=0)
+    probed = [r for r in history if r["split"] == "val"]
+    assert [r["epoch"] for r in probed] == [1, 2, 3]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in probed)
     net, _ = load_pretrained_model(tmp_path / "short" / "model.pt")
     trained, random_init = knn_scores(net, probes), random_init_scores(probes)
     print(f"k-NN top-1 random init {random_init}, after 3 epochs {trained}")
