@@ -116,10 +116,10 @@ def test_koleo_prefers_spread_features():
 
 
 def test_teacher_entropy_and_feature_spread_detect_collapse():
-    assert teacher_entropy(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
-    assert teacher_entropy(torch.full((3, 8), 1 / 8)) == pytest.approx(math.log(8), rel=1e-5)
-    assert feature_spread(torch.randn(256, 16)) > 0.8
-    assert feature_spread(torch.ones(256, 16) + 1e-4 * torch.randn(256, 16)) < 0.01
+    assert float(teacher_entropy(torch.eye(4))) == pytest.approx(0.0, abs=1e-6)
+    assert float(teacher_entropy(torch.full((3, 8), 1 / 8))) == pytest.approx(math.log(8), rel=1e-5)
+    assert float(feature_spread(torch.randn(256, 16))) > 0.8
+    assert float(feature_spread(torch.ones(256, 16) + 1e-4 * torch.randn(256, 16))) < 0.01
     monitor = CollapseMonitor(num_prototypes=8)
     assert monitor.check(0.9, 1.0, after_warmup=True) == []
     warned = monitor.check(0.05, math.log(8), after_warmup=True)

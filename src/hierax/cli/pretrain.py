@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
-    system.add_argument("--checkpoint-every", type=int, default=0,
-                        help="also save the training state every N steps (default: each epoch end)")
+    system.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="save the training state every N steps as well as at each epoch end (0: epoch ends)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -141,7 +141,8 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(dist_ + eps).mean()
 
 
-def teacher_entropy(targets: torch.Tensor) -> float:
-    """Mean entropy (nats) of the teacher's per-sample target distributions: near 0 means one-hot targets."""
-    t = targets.float().clamp_min(1e-12)
-    return float(-(t * t.log()).sum(dim=-1).mean())
+def teacher_entropy(targets: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats, 0-d tensor) of the teacher's per-sample targets: near 0 means one-hot targets, near
+    log K uniform ones."""
+    t = targets.detach().float().clamp_min(1e-12)
+    return -(t * t.log()).sum(dim=-1).mean()

@@ -85,13 +85,13 @@ class KnnProbe:
         return knn_top1(feats, self.labels, k=self.k)
 
 
-def feature_spread(features: torch.Tensor) -> float:
-    """Per-dimension std over the batch of L2-normalised features, times sqrt(dim): about 1 for features spread
-    over the sphere, 0 when every image maps to the same point (collapse)."""
-    if features.shape[0] < 2:
-        return float("nan")
+def feature_spread(features: torch.Tensor) -> torch.Tensor:
+    """Per-dimension std over the batch of L2-normalised features, times sqrt(dim) (0-d tensor): about 1 for
+    features spread over the sphere, 0 when every image maps to the same point (collapse)."""
     x = F.normalize(features.detach().float(), dim=-1)
-    return float(x.std(dim=0).mean() * math.sqrt(x.shape[1]))
+    if x.shape[0] < 2:
+        return x.new_tensor(float("nan"))
+    return x.std(dim=0).mean() * math.sqrt(x.shape[1])
 
 
 class CollapseMonitor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,9 +75,6 @@ class DinoConfig:
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     knn_path: str | None = None  # a labelled folder for the k-NN probe
     knn_every: int = 0  # optimizer steps between probes; 0: at each epoch end only
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -235,8 +232,9 @@ class DinoV2Stage(Stage):
         loss = cfg.dino_weight * l_dino + cfg.ibot_weight * l_ibot + cfg.koleo_weight * l_koleo
         spread = feature_spread(teacher["pooled"])
         entropy = teacher_entropy(dino_t)
-        if ctx.micro_step == 0 and ctx.step % ctx.config.log_every == 0:
-            self.monitor.check(spread, entropy, after_warmup=ctx.step >= schedule.teacher_temp_warmup_steps)
+        if ctx.micro_step == 0 and ctx.step % ctx.config.log_every == 0:  # reading the values syncs a GPU
+            self.monitor.check(float(spread), float(entropy),
+                               after_warmup=ctx.step >= schedule.teacher_temp_warmup_steps)
         metrics = {"dino_loss": l_dino.detach(), "ibot_loss": l_ibot.detach(), "koleo_loss": l_koleo.detach(),
                    "teacher_entropy": entropy, "feature_std": spread, "teacher_temp": temp,
                    "momentum": schedule.momentum(ctx.step)}
