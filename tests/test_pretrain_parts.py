@@ -210,10 +210,12 @@ def test_schedules_adapt_to_the_run_length():
     assert short.teacher_temp_warmup_steps == 9
     assert short.teacher_temp(0) == pytest.approx(0.04) and short.teacher_temp(9) == pytest.approx(0.07)
     assert short.freeze_last_layer_steps == 3
+    assert short.backbone_warmup_steps == 9 and short.backbone_frozen(8) and not short.backbone_frozen(9)
     assert short.momentum_start < 0.992
     assert short.momentum(29) == pytest.approx(1.0)
     long = DinoSchedule.for_run(cfg, total_steps=100 * 1000, steps_per_epoch=1000)
     assert long.teacher_temp_warmup_steps == 30 * 1000 and long.freeze_last_layer_steps == 1000
+    assert long.backbone_warmup_steps == 3000
     assert long.momentum_start == pytest.approx(0.992)
     assert long.momentum(50_000) == pytest.approx(0.996, abs=1e-4)
 

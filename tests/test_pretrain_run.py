@@ -28,11 +28,11 @@ from tests.pretrain_images import make_labelled_photo_crops, make_labelled_textu
 NETWORK = "hieradet_d_tiny"
 TINY = {"depths": (1, 1, 1, 1), "embed_dim": 16, "drop_path_rate": 0.0}
 # the k-NN gain a 20-epoch run must show on held-out photo crops, and the most a run may lose on either set
-# (measured: +0.20 to +0.25 on photo crops over seeds 0-2; textures within +-0.05 of the random init)
+# (measured with seed 0: photo crops 0.54 -> 0.77, textures 0.375 -> 0.50; seeds 0-3 gave +0.21 to +0.23 on photos)
 PHOTO_GAIN = 0.10
 MAX_LOSS = 0.06
-# fine-tuning on 40 labelled photo crops for 20 steps: measured 0.575 from the backbone against 0.425 from random init
-FINE_TUNE_GAIN = 0.05
+# fine-tuning on 40 labelled photo crops for 40 steps: measured 0.56 from the backbone against 0.45 from random init
+FINE_TUNE_GAIN = 0.08
 
 
 def tiny_config() -> DinoConfig:
@@ -137,10 +137,11 @@ def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
     for name, init in (("random", None), ("pretrained", str(pretrained[0] / "model.pt"))):
         options = FineTuneConfig(data=str(train), val=str(val), network=NETWORK, init_from=init, size=(64, 64),
                                  model_config=dict(TINY), augment="none", crop_scale=(0.5, 1.0), mix_prob=0.0)
-        config = TrainConfig(output_dir=tmp_path / name, epochs=5, batch_size=10, lr=2e-3, num_workers=0,
+        config = TrainConfig(output_dir=tmp_path / name, epochs=10, batch_size=10, lr=2e-3, num_workers=0,
                              log_every=100)
+        torch.manual_seed(0)  # the same classifier init and data order for both
         top1[name] = [r["top1"] for r in train_classifier(options, config).history if r["split"] == "val"][-1]
-    print(f"fine-tuning val top-1 after 20 steps: {top1}")
+    print(f"fine-tuning val top-1 after 40 steps: {top1}")
     assert top1["pretrained"] >= top1["random"] + FINE_TUNE_GAIN
 
 

@@ -4,6 +4,8 @@ stage-4 tokens."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +45,10 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        # as nn.Linear's default init (DINOv2 leaves its weight-normed last layer so): rows of norm ~0.58 whatever
+        # the width. Adam moves each entry by ~lr a step, so the raw norm sets how fast the prototypes turn.
+        bound = 1.0 / math.sqrt(self.prototypes.shape[1])
+        nn.init.uniform_(self.prototypes, -bound, bound)
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """The L2-normalised bottleneck features (…, bottleneck_dim)."""

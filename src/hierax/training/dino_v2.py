@@ -10,7 +10,11 @@ upsampled x8 to the stem grid, where a learned mask token replaces the stem outp
 
 Short runs: DINOv2's schedules are fixed in epochs (30-epoch teacher temperature warmup, 10-epoch LR warmup,
 1-epoch frozen prototypes, momentum 0.992 -> 1), which fail or hurt on a few-epoch run. Every schedule here is
-capped at a share of the run (see `DinoSchedule.for_run`), so the same defaults work for 3 or 300 epochs.
+capped at a share of the run (see `DinoSchedule.for_run`), so the same defaults work for 3 or 300 epochs. The
+run also starts heads-only (backbone frozen for 3 epochs, at most 30% of the run): the first backbone updates then
+follow heads fitted to the teacher instead of random ones. On the tiny test set (seeds 0-3) this moved the 3-epoch
+k-NN change against the random init from -0.031 to -0.008 (textures; photo crops -0.002 / -0.006, all within the
+probe's noise), and the 20-epoch teacher reached +0.125 / +0.02 (textures) and +0.23 / +0.21 (photo crops).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +76,8 @@ class DinoConfig:
     momentum_min_share: float = 0.04  # the teacher's time constant at the start is at most this share of the run
     freeze_last_layer_epochs: float = 1.0
     freeze_last_layer_share: float = 0.1
+    backbone_warmup_epochs: float = 3.0  # heads-only steps at the start (capped by backbone_warmup_share)
+    backbone_warmup_share: float = 0.3
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     knn_path: str | None = None  # a labelled folder for the k-NN probe
     knn_every: int = 0  # optimizer steps between probes; 0: at each epoch end only
@@ -84,6 +90,7 @@ class DinoSchedule:
     total_steps: int
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    backbone_warmup_steps: int
     momentum_start: float
     config: DinoConfig
 
@@ -94,9 +101,10 @@ class DinoSchedule:
         temp_warmup = min(config.teacher_temp_warmup_epochs * steps_per_epoch,
                           config.teacher_temp_warmup_share * total_steps)
         freeze = min(config.freeze_last_layer_epochs * steps_per_epoch, config.freeze_last_layer_share * total_steps)
+        heads_only = min(config.backbone_warmup_epochs * steps_per_epoch, config.backbone_warmup_share * total_steps)
         tau = max(1.0, config.momentum_min_share * total_steps)
         momentum = min(config.momentum_start, 1.0 - 1.0 / tau)
-        return cls(total_steps, round(temp_warmup), round(freeze), momentum, config)
+        return cls(total_steps, round(temp_warmup), round(freeze), round(heads_only), momentum, config)
 
     def teacher_temp(self, step: int) -> float:
         """Linear warmup from teacher_temp_start to teacher_temp, then constant."""
@@ -111,6 +119,11 @@ class DinoSchedule:
 
     def last_layer_frozen(self, step: int) -> bool:
         return step < self.freeze_last_layer_steps
+
+    def backbone_frozen(self, step: int) -> bool:
+        """Heads-only warmup: random heads would otherwise drive the first backbone updates with noise, which
+        on a short run leaves features worse than the random init."""
+        return step < self.backbone_warmup_steps
 
 
 class DinoStudent(nn.Module):
@@ -190,8 +203,8 @@ class DinoV2Stage(Stage):
             self.ibot_targets.to(ctx.device)
             s = self._schedule
             logger.info("DINOv2 schedules: teacher temperature warmup %d steps, prototypes frozen %d steps, "
-                        "teacher momentum %.4f -> %.4f", s.teacher_temp_warmup_steps, s.freeze_last_layer_steps,
-                        s.momentum_start, self.config.momentum_end)
+                        "heads only %d steps, teacher momentum %.4f -> %.4f", s.teacher_temp_warmup_steps,
+                        s.freeze_last_layer_steps, s.backbone_warmup_steps, s.momentum_start, self.config.momentum_end)
         return self._schedule
 
     def collate(self, samples: list) -> dict:
@@ -241,6 +254,9 @@ class DinoV2Stage(Stage):
         return loss, metrics
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
+        if self.schedule(ctx).backbone_frozen(ctx.step):
+            for p in self.model.backbone.parameters():
+                p.grad = None
         if self.schedule(ctx).last_layer_frozen(ctx.step):
             for head in (self.model.dino_head, self.model.ibot_head):
                 for p in head.last_layer_parameters():
@@ -326,13 +342,9 @@ def pretrain(
     Unset, the optimisation follows DINOv2 (AdamW, LR 0.004 x sqrt(batch / 1024), weight decay 0.04 -> 0.2,
     clip 3.0, layer decay 0.9) with its warmup capped at 10% of the run."""
     config = config or DinoConfig()
-    config.crops = MultiCropConfig(
-        global_size=size,
-        local_size=local_size or max(16, round(size * 96 / 224)),
-        local_crops=local_crops,
-        global_scale=config.crops.global_scale,
-        local_scale=config.crops.local_scale,
-    )
+    crops = replace(config.crops, global_size=size, local_size=local_size or max(32, round(size * 96 / 224)),
+                    local_crops=local_crops)
+    config = replace(config, crops=crops)
     for name, side in (("size", config.crops.global_size), ("local size", config.crops.local_size)):
         if min(stage_grids(side, side)[-1]) < 1:
             raise HieraxError(f"the {name} {side} is too small: HieraDet needs crops of at least 29 pixels")
