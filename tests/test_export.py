@@ -11,7 +11,7 @@ import torch
 import hierax
 from hierax.cli import main
 from hierax.errors import HieraxError
-from hierax.export import export_model, load_exported, read_export_metadata
+from hierax.export import export_model, load_exported, quantize_onnx, read_export_metadata
 from hierax.inference.classification import infer_batch
 from hierax.models import create_model
 from hierax.weights.files import ModelInfo, write_checkpoint
@@ -86,8 +86,9 @@ def test_onnx_metadata_inside_the_file(onnx_dynamic):
     assert json.loads(props["rgb_stats"]) == info.rgb_stats and json.loads(props["signature"]) == info.signature
     assert props["network"] == "hieradet_d_tiny" and props["version"] == info.version
     back, options = read_export_metadata(path)
-    assert back.class_names == info.class_names and back.size == (64, 64) and back.config == json.loads(json.dumps(info.config))
-    assert options == {"format": "onnx", "dtype": "float32", "dynamic_batch": True, "dynamic_size": True, "quantize": None}
+    assert back.class_names == info.class_names and back.size == (64, 64)
+    assert back.config == json.loads(json.dumps(info.config))
+    assert options == dict(format="onnx", dtype="float32", quantize=None, dynamic_batch=True, dynamic_size=True)
     assert list(path.parent.iterdir()) == [path], "no sidecar or temporary files"
 
 
@@ -177,6 +178,9 @@ def test_int8_quantisation(tmp_path, onnx_dynamic, fmt):
     assert got.argmax(1).item() == logits.argmax(1).item()
     if fmt == "onnx":  # TorchScript packs int8 weights with per-layer overhead; ONNX stores them flat
         assert int8.stat().st_size < fp32_onnx.stat().st_size
+        dynamic_int8, _ = load_exported(quantize_onnx(fp32_onnx, tmp_path / "dynamic.int8.onnx"))
+        assert read_export_metadata(tmp_path / "dynamic.int8.onnx")[1]["dynamic_size"] is True
+        assert (dynamic_int8(x) - got).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize(

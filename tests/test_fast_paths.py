@@ -1,4 +1,4 @@
-"""Every fast path gives the plain path's outputs: CPU matmul attention vs the fused kernel, the cached position
+"""Every fast path gives the plain path's outputs: matmul attention vs the fused kernel, the cached position
 embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and torch.compile.
 
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
@@ -41,15 +41,24 @@ def test_matmul_attention_matches_fused_kernel(shape, dtype, tol):
 
 
 @pytest.mark.parametrize("network", ["hieradet_d_tiny", "hieradet_tiny"])
-def test_model_attention_paths_agree(monkeypatch, network):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_attention_paths_agree(monkeypatch, network, autocast):
     """The whole network, windowed and global blocks, with the matmul form and with the fused kernel."""
     net = _tiny(network)
     x = torch.randn(2, 3, 96, 80)
-    with torch.inference_mode():
-        fast = net(x)
-        monkeypatch.setattr(hieradet, "_CPU_MATMUL_ATTENTION_MAX", -1)
-        fused = net(x)
-    assert (fast - fused).abs().max().item() <= FP32_TOL
+    outs = {}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for matmul in (True, False):
+            monkeypatch.setattr(hieradet, "use_matmul_attention", lambda q, k, m=matmul: m)
+            outs[matmul] = net(x).float()
+    tol = BF16_REL_TOL * outs[False].abs().max().item() if autocast else FP32_TOL
+    assert (outs[True] - outs[False]).abs().max().item() <= tol
+
+
+def test_attention_policy():
+    q = torch.zeros(1, 1, 4, 8)
+    assert not hieradet.use_matmul_attention(q, q), "fp32 on CPU: the fused kernel"
+    assert hieradet.use_matmul_attention(q.bfloat16(), q.bfloat16()), "bf16 on CPU: two matmuls"
 
 
 def test_position_embedding_cache_matches_and_follows_weights():

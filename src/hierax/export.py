@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,28 +162,29 @@ def export_model(
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in net.state_dict().items()}
         return write_checkpoint(path, state, info)
 
-    options = {"format": fmt, "dtype": dtype, "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size}
-    options["quantize"] = quantize
+    options = {"format": fmt, "dtype": dtype, "quantize": quantize}
+    options.update(dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     if fmt == "pt2" and dynamic_size:
         options.update(size_multiple=PT2_SIZE_MULTIPLE, min_side=PT2_MIN_SIDE)
     meta = _metadata(info, options)
-    net = copy.deepcopy(net).to(DTYPES[dtype])
+    net = copy.deepcopy(net).to("cpu", DTYPES[dtype])
     if quantize and fmt == "torchscript":
         net = quantize_linear_int8(net)
     wrapper = _TwoOutputs(net).eval()
     # A batch of 2 keeps a dynamic batch from being specialised to 1.
     example = torch.randn(2 if dynamic_batch else 1, 3, *info.size, dtype=DTYPES[dtype])
     logger.info("Exporting %s to %s (%s, %s)", info.network, path, fmt, dtype)
-    with torch.no_grad():
+    files = {METADATA_FILE: json.dumps(meta)}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
         if fmt == "onnx":
             _atomic_save(path, lambda tmp: _write_onnx(wrapper, example, tmp, meta, dynamic_batch, dynamic_size))
         elif fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example, check_trace=False)
-            files = {METADATA_FILE: json.dumps(meta)}
             _atomic_save(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=files))
         else:
-            program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(fmt, dynamic_batch, dynamic_size))
-            files = {METADATA_FILE: json.dumps(meta)}
+            shapes = _dynamic_shapes(fmt, dynamic_batch, dynamic_size)
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=shapes)
             _atomic_save(path, lambda tmp: torch.export.save(program, tmp, extra_files=files))
     return path
 
@@ -207,19 +209,23 @@ def _write_onnx(
         )
         if meta["export"]["quantize"] == "int8":
             quantized = Path(tmpdir) / "model.int8.onnx"
-            _quantize_onnx_int8(plain, quantized)
+            _quantize_onnx_graph(plain, quantized)
             plain = quantized
         model = onnx.load(str(plain))
+    _set_onnx_metadata(model, meta)
+    onnx.save(model, out)
+
+
+def _set_onnx_metadata(model, meta: dict) -> None:
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(model, out)
 
 
-def _quantize_onnx_int8(src: Path, dst: Path) -> None:
+def _quantize_onnx_graph(src: Path, dst: Path) -> None:
     """ONNX Runtime dynamic int8 quantisation of the MatMuls with constant weights (the Linear layers of the
-    blocks); attention's activation-by-activation MatMuls and the classifier stay float."""
+    blocks); attention's activation-by-activation MatMuls and the classifier (a Gemm) stay float."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -229,6 +235,23 @@ def _quantize_onnx_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(
         str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_quantize=linear
     )
+
+
+def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
+    """int8-quantise a float32 ONNX file that hierax exported, keeping its metadata (no second export)."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    info, options = read_export_metadata(src)
+    if options.get("quantize"):
+        raise HieraxError(f"{src} is already quantised ({options['quantize']})")
+    with tempfile.TemporaryDirectory(prefix="hierax-onnx-") as tmpdir:
+        quantized = Path(tmpdir) / "model.int8.onnx"
+        _quantize_onnx_graph(src, quantized)
+        model = onnx.load(str(quantized))
+    _set_onnx_metadata(model, _metadata(info, {**options, "quantize": "int8"}))
+    _atomic_save(dst, lambda tmp: onnx.save(model, tmp))
+    return dst
 
 
 def read_export_metadata(path: str | Path) -> tuple[ModelInfo, dict]:
@@ -396,7 +419,9 @@ def load_exported(
         if fmt == "onnx":
             runner: ExportedRunner = OnnxRunner(path, info, options, device, num_threads)
         elif fmt == "torchscript":
-            module = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location=device).eval()
             runner = TorchRunner(module, info, options, device, dict(module.named_parameters()))
         else:
             program = torch.export.load(str(path))

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
     )
-    print(f"wrote {path} ({fmt}, {args.dtype}{', int8' if args.quantize else ''}, {path.stat().st_size / 2**20:.1f} MiB)")
+    kind = f"{fmt}, {args.dtype}{', int8' if args.quantize else ''}"
+    print(f"wrote {path} ({kind}, {path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

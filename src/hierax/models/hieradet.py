@@ -93,15 +93,21 @@ def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int,
 _CPU_MATMUL_ATTENTION_MAX = 1 << 26
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention over (B, heads, tokens, head_dim).
+def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `attention` takes the two-matmul form rather than the fused kernel.
 
-    On CPU, two matmuls and a softmax are faster than the fused kernel for this model's shapes (short windows,
-    at most a few thousand global tokens): 1.1-1.3x in fp32 and 2-3x in bf16. Exported and traced graphs use the
-    same form, which ONNX Runtime runs well. Elsewhere (CUDA) the fused kernel is used."""
+    Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 the CPU fused kernel
+    is 2-3x slower than two bf16 matmuls and a softmax for this model's shapes (1.13-1.15x per forward pass);
+    in fp32 it is as fast or faster, and on CUDA it is the fast path."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    matmul_form = torch.compiler.is_exporting() or torch.jit.is_tracing()
-    if matmul_form or (q.device.type == "cpu" and scores <= _CPU_MATMUL_ATTENTION_MAX):
+    return q.device.type == "cpu" and q.dtype != torch.float32 and scores <= _CPU_MATMUL_ATTENTION_MAX
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention over (B, heads, tokens, head_dim)."""
+    if use_matmul_attention(q, k):
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         return attn.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
