@@ -2,10 +2,10 @@
 
 For each input size, batch size and dtype it times, interleaved round by round (best round kept, so other load
 on a shared machine hurts every contender alike):
-- `hierax`: the eager model with its fast paths (cached position embedding; on CPU in bf16, attention as two
-  matmuls and a softmax instead of the fused kernel);
+- `hierax`: the eager model with its fast paths (cached position embedding; on CPU, fp32 Linear layers through
+  oneDNN and, in bf16, attention as two matmuls and a softmax instead of the fused kernel);
 - `hierax-plain`: the same model on the plain path (fused attention kernel, position embedding recomputed each
-  call), i.e. the code before the fast paths;
+  call, Linear layers through ATen's default), i.e. the code before the fast paths;
 - `hierax-bf16w` (bf16 only): weights and activations in bf16 instead of autocast;
 - `hierax-compile` (--compile): torch.compile of the eager model;
 - `birder` (hieradet_d_small) and `timm` (sam2_hiera_small) when importable (install them in a separate
@@ -62,14 +62,16 @@ def model_flops(net: torch.nn.Module, size: int) -> float:
 
 @contextlib.contextmanager
 def plain_paths():
-    """The model's plain path: fused attention kernel, position embedding recomputed on every call."""
-    saved = (hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding)
+    """The model's plain path: fused attention kernel, position embedding recomputed on every call, Linear
+    layers through ATen's default (BLAS for fp32)."""
+    saved = (hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_LINEAR)
     hieradet.use_matmul_attention = lambda q, k: False
     hieradet.HieraDet.position_embedding = hieradet.HieraDet._compute_position_embedding
+    hieradet._ONEDNN_LINEAR = False
     try:
         yield
     finally:
-        hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding = saved
+        hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_LINEAR = saved
 
 
 def reference_models(size: int) -> dict[str, torch.nn.Module]:

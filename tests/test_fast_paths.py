@@ -1,5 +1,6 @@
-"""Every fast path gives the plain path's outputs: matmul attention vs the fused kernel, the cached position
-embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and torch.compile.
+"""Every fast path gives the plain path's outputs: oneDNN fp32 Linear vs ATen's, matmul attention vs the fused
+kernel, the cached position embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and
+torch.compile.
 
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
 
@@ -99,6 +100,27 @@ def test_cache_stays_small():
         for side in range(64, 64 + 4 * 12, 4):
             net.position_embedding(side // 4, side // 4)
     assert len(net._pos_cache) <= 8
+
+
+def test_onednn_linear_matches_aten():
+    layer = hieradet.Linear(48, 96)
+    x = torch.randn(2, 5, 7, 48)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fast = layer(x)
+    assert any("linear_pointwise" in event.name for event in prof.events()), "the oneDNN path was taken"
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert (fast - plain).abs().max().item() <= FP32_TOL
+
+
+def test_onednn_linear_path_agrees_with_autograd_path(monkeypatch):
+    """The whole network: no-grad inference (oneDNN Linear) against the ATen path."""
+    net = _tiny()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        fast = net(x)
+        monkeypatch.setattr(hieradet, "_ONEDNN_LINEAR", False)
+        plain = net(x)
+    assert (fast - plain).abs().max().item() <= FP32_TOL
 
 
 def test_channels_last_input_gives_the_same_outputs():

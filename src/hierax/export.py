@@ -81,6 +81,9 @@ def quantize_linear_int8(net: nn.Module) -> nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
     quantized = copy.deepcopy(net).eval()
+    for module in quantized.body.modules():
+        if isinstance(module, nn.Linear):  # torch's quantiser matches exact types; hieradet.Linear is a subclass
+            module.__class__ = nn.Linear
     quantized.body = quantize_dynamic(quantized.body, {nn.Linear}, dtype=torch.qint8)
     return quantized
 
