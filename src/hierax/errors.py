@@ -25,4 +25,9 @@ class OfflineError(DownloadError):
 
 
 class ImageDecodeError(HieraxError, ValueError):
-    """An input that is not a decodable image (empty, truncated, not an image, too large, too small)."""
+    """An input that is not a decodable image. `reason` is a stable code for programs: empty, truncated,
+    not_an_image, decompression_bomb, too_small, not_found or unreadable."""
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -32,7 +32,7 @@ def read_bytes(source: ImageSource) -> bytes:
     try:
         return Path(source).read_bytes()
     except FileNotFoundError:
-        raise ImageDecodeError(f"file not found: {source}") from None
+        raise ImageDecodeError(f"file not found: {source}", "not_found") from None
     except IsADirectoryError:
         raise ImageDecodeError(f"is a directory, not an image: {source}") from None
     except OSError as err:
@@ -55,10 +55,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
     if width * height > max_pixels:
         raise ImageDecodeError(
-            f"decompression bomb: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+            f"decompression bomb: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}",
+            "decompression_bomb",
         )
     if min(width, height) < min_side:
-        raise ImageDecodeError(f"image too small: {width}x{height} (each side must be at least {min_side} px)")
+        raise ImageDecodeError(
+            f"image too small: {width}x{height} (each side must be at least {min_side} px)", "too_small"
+        )
 
 
 def _looks_complete(data: bytes, fmt: str) -> bool:
@@ -77,18 +80,18 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, min_side:
     GIFs give their first frame."""
     data = read_bytes(source)
     if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
+        raise ImageDecodeError("empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             header = Image.open(io.BytesIO(data))
             fmt, (width, height) = header.format, header.size
     except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"decompression bomb: {err}") from None
+        raise ImageDecodeError(f"decompression bomb: {err}", "decompression_bomb") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised format)") from None
+        raise ImageDecodeError("not an image (unrecognised format)", "not_an_image") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError(f"corrupt image header: {err}") from None
+        raise ImageDecodeError(f"corrupt image header: {err}", "not_an_image") from None
     _check_size(width, height, max_pixels, min_side)
     if fmt in _TORCHVISION_FORMATS and _looks_complete(data, fmt):
         try:
@@ -122,8 +125,9 @@ def _decode_pillow(data: bytes) -> torch.Tensor:
                 image.load()
                 rgb = to_rgb(image)
     except OSError as err:
-        reason = "truncated image" if "truncated" in str(err).lower() else f"cannot decode image: {err}"
-        raise ImageDecodeError(reason) from None
+        if "truncated" in str(err).lower():
+            raise ImageDecodeError("truncated image", "truncated") from None
+        raise ImageDecodeError(f"cannot decode image: {err}") from None
     except (ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from None
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()

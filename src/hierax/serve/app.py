@@ -56,9 +56,7 @@ _PAGE_HEADERS = {
 }
 _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
                  415: "unsupported_media_type", 422: "bad_image", 503: "unavailable"}
-_DECODE_REASONS = (("empty", 400, "empty"), ("decompression bomb", 422, "decompression_bomb"),
-                   ("not an image", 422, "not_an_image"), ("truncated", 422, "truncated"),
-                   ("image too small", 422, "too_small"))
+_DECODE_STATUS = {"empty": 400}
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -79,11 +77,8 @@ _ERRORS = {code: {"model": ErrorBody, "description": name.replace("_", " ")}
 
 
 def _decode_error(err: ImageDecodeError) -> ApiError:
-    message = str(err)
-    for prefix, status, code in _DECODE_REASONS:
-        if message.startswith(prefix):
-            return ApiError(status, code, message)
-    return ApiError(422, "bad_image", message)
+    code = "bad_image" if err.reason == "unreadable" else err.reason
+    return ApiError(_DECODE_STATUS.get(err.reason, 422), code, str(err))
 
 
 class ServedModel:
