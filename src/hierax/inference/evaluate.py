@@ -108,13 +108,19 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def topk_correct(top, labels):
+    """Top-1 and top-k hits per sample from best-first predictions (N, k) and labels (N,), as NumPy arrays or
+    tensors (training's per-epoch validation counts with this too)."""
+    hits = top == labels[:, None]
+    return hits[:, 0], hits.any(1)
+
+
 def compute_metrics(
     labels: np.ndarray, top5: np.ndarray, confidence: np.ndarray, class_names: Sequence[str], *, bins: int = 15
 ) -> dict:
     """All figures of the report from true labels, top-5 predictions (N, k) and top-1 confidences."""
     preds = top5[:, 0]
-    correct1 = preds == labels
-    correct5 = (top5 == labels[:, None]).any(axis=1)
+    correct1, correct5 = topk_correct(top5, labels)
     counts = np.bincount(labels, minlength=len(class_names))
     hits1 = np.bincount(labels, weights=correct1, minlength=len(class_names))
     hits5 = np.bincount(labels, weights=correct5, minlength=len(class_names))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from hierax.data.datasets import ImageDataset, LabelledData, collate_samples, load_labelled
 from hierax.errors import CheckpointError, HieraxError
+from hierax.inference.evaluate import topk_correct
 from hierax.models import HieraDet, create_model
 from hierax.models.hieradet import HieraDetConfig
 from hierax.training import optim
@@ -189,9 +190,9 @@ class SupervisedStage(Stage):
             images, labels = batch["images"].to(ctx.device), batch["labels"].to(ctx.device)
             with ctx.autocast():
                 logits = module(images).float()
-            top = logits.topk(k, dim=1).indices
-            sums[0] += (top[:, 0] == labels).sum()
-            sums[1] += (top == labels[:, None]).any(dim=1).sum()
+            correct1, correct5 = topk_correct(logits.topk(k, dim=1).indices, labels)
+            sums[0] += correct1.sum()
+            sums[1] += correct5.sum()
             sums[2] += F.cross_entropy(logits, labels, reduction="sum")
             sums[3] += len(labels)
         sums = dist.all_reduce_sum(sums)
