@@ -121,8 +121,8 @@ class Linear(nn.Linear):
 
     ATen sends fp32 CPU matmuls to the BLAS (MKL), which on AMD CPUs runs at about 40% of the speed oneDNN
     reaches (measured 189 vs 495 GFLOP/s on a Zen 5 core pair), making the whole forward pass 1.5-1.8x slower.
-    Training, autocast, other dtypes and export/trace/compile take the ordinary path. Same parameters, same
-    state-dict names."""
+    bf16 already goes to oneDNN. Training, autocast, other dtypes and export/trace/compile take the ordinary
+    path. Same parameters, same state-dict names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
