@@ -13,6 +13,7 @@ multiples of 32 give exactly the reference's outputs.
 
 from __future__ import annotations
 
+import platform
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
@@ -113,7 +114,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Measured on x86-64 only; elsewhere (e.g. ARM) ATen's default stays.
+_ONEDNN_LINEAR = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 
 
 class Linear(nn.Linear):
