@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import torch
 
 from hierax.cli.models import models_table
 from hierax.models import create_model

@@ -1,4 +1,5 @@
-"""Options shared by `hierax predict`, `hierax embed` and `hierax evaluate`."""
+"""Options shared by subcommands: the model options of predict / embed / evaluate, and the system options of
+train / pretrain."""
 
 from __future__ import annotations
 
@@ -46,3 +47,33 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 def is_main_rank() -> bool:
     """True outside torchrun and on its rank 0."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
+    """The "system" group of train and pretrain: device, precision, compile, workers, seed, logging."""
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
+    system.add_argument("--compile", action="store_true", help=f"torch.compile the {compiled}")
+    system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    system.add_argument("--seed", type=int, default=0)
+    system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
+    system.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="save the training state every N steps as well as at each epoch end (0: epoch ends)")
+
+
+def system_kwargs(args: argparse.Namespace) -> dict:
+    """TrainConfig keyword arguments from the system options, plus --accum-steps and --resume."""
+    return {
+        "accum_steps": args.accum_steps,
+        "amp": False if args.no_amp else None,
+        "compile": args.compile,
+        "grad_checkpointing": args.grad_checkpointing,
+        "num_workers": args.workers,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+        "device": args.device,
+    }

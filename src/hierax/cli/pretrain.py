@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from hierax.cli._options import add_system_options, system_kwargs
 from hierax.errors import HieraxError
 from hierax.training.dino_v2 import DinoConfig, pretrain
 
@@ -61,16 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--lr", type=float, help="peak learning rate (default 0.004 x sqrt(global batch / 1024))")
     run_.add_argument("--warmup-epochs", type=float, help="default: 10 epochs, at most 10%% of the run")
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
-    system.add_argument("--compile", action="store_true", help="torch.compile the student")
-    system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
-    system.add_argument("--seed", type=int, default=0)
-    system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
-    system.add_argument("--checkpoint-every", type=int, default=1000,
-                        help="save the training state every N steps as well as at each epoch end (0: epoch ends)")
+    add_system_options(parser, "student")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,18 +78,7 @@ def run(args: argparse.Namespace) -> int:
         knn_path=args.knn_data,
         knn_every=args.knn_every,
     )
-    options = dict(
-        accum_steps=args.accum_steps,
-        amp=False if args.no_amp else None,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        num_workers=args.workers,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        device=args.device,
-    )
+    options = system_kwargs(args)
     if args.warmup_epochs is not None:
         options["warmup_epochs"] = args.warmup_epochs
     history = pretrain(

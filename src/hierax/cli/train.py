@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from hierax.cli._options import add_system_options, system_kwargs
 from hierax.training.augment import AUGMENTS
 from hierax.training.engine import TrainConfig
 from hierax.training.supervised import FineTuneConfig, train_classifier
@@ -75,16 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--random-erasing", type=float, default=0.25, help="random erasing probability")
     aug.add_argument("--min-crop", type=float, default=0.08, help="smallest random-resized-crop area share")
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
-    system.add_argument("--compile", action="store_true", help="torch.compile the model")
-    system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
-    system.add_argument("--seed", type=int, default=0)
-    system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
-    system.add_argument("--checkpoint-every", type=int, default=1000,
-                        help="save the training state every N steps as well as at each epoch end (0: epoch ends)")
+    add_system_options(parser, "model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        accum_steps=args.accum_steps,
         lr=args.lr,
         min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay,
@@ -118,15 +109,7 @@ def run(args: argparse.Namespace) -> int:
         clip_grad=args.clip_grad or None,
         ema=not args.no_ema,
         ema_decay=args.ema_decay,
-        amp=False if args.no_amp else None,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        num_workers=args.workers,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        device=args.device,
+        **system_kwargs(args),
     )
     result = train_classifier(options, config)
     val = [r for r in result.history if r.get("split") == "val"]
