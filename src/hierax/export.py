@@ -20,7 +20,6 @@ import abc
 import copy
 import json
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hierax.atomic import atomic_write
 from hierax.errors import CheckpointError, HieraxError
 from hierax.weights.files import ModelInfo, write_checkpoint
 
@@ -52,19 +52,6 @@ class _TwoOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.net.embedding(x)
         return self.net.classify(emb), emb
-
-
-def _atomic_save(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside `path` (same suffix), then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def format_for_path(path: str | Path) -> str:
@@ -181,14 +168,14 @@ def export_model(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
         if fmt == "onnx":
-            _atomic_save(path, lambda tmp: _write_onnx(wrapper, example, tmp, meta, dynamic_batch, dynamic_size))
+            atomic_write(path, lambda tmp: _write_onnx(wrapper, example, tmp, meta, dynamic_batch, dynamic_size))
         elif fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example, check_trace=False)
-            _atomic_save(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=files))
+            atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=files))
         else:
             shapes = _dynamic_shapes(fmt, dynamic_batch, dynamic_size)
             program = torch.export.export(wrapper, (example,), dynamic_shapes=shapes)
-            _atomic_save(path, lambda tmp: torch.export.save(program, tmp, extra_files=files))
+            atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=files))
     return path
 
 
@@ -253,7 +240,7 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
         _quantize_onnx_graph(src, quantized)
         model = onnx.load(str(quantized))
     _set_onnx_metadata(model, _metadata(info, {**options, "quantize": "int8"}))
-    _atomic_save(dst, lambda tmp: onnx.save(model, tmp))
+    atomic_write(dst, lambda tmp: onnx.save(model, tmp))
     return dst
 
 

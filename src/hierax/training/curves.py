@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from hierax.atomic import atomic_write  # noqa: E402
 
 
 def _series(history: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
@@ -36,8 +37,6 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

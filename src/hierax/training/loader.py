@@ -3,14 +3,14 @@ augmentation with bad-sample replacement, device transfer and atomic file writes
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
 
 
@@ -92,26 +92,11 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Call write(handle) on a temporary file beside `path`, fsync it, then rename it over `path`; on failure the
-    temporary file is removed and `path` keeps its last good content."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    _atomic(path, lambda fh: torch.save(obj, fh), "wb")
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temporary file, then rename)."""
-    _atomic(path, lambda fh: fh.write(text), "w")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -8,10 +8,8 @@ no code is ever unpickled."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from importlib.metadata import version as package_version
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hierax.atomic import atomic_write
 from hierax.errors import CheckpointError
 from hierax.transforms import get_size_from_signature, make_signature, normalize_stats
 
@@ -97,21 +96,6 @@ class ModelInfo:
         return meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor] | torch.nn.Module, info: ModelInfo) -> Path:
     """Write a model checkpoint atomically; `.safetensors` by suffix, else the reference `.pt` layout."""
     path = Path(path)
@@ -123,9 +107,9 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor] | tor
         from safetensors.torch import save_file
 
         text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=text_meta))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=text_meta))
     else:
-        _atomic_write(path, lambda tmp: torch.save({"state": state, **meta}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state": state, **meta}, tmp))
     return path
 
 
