@@ -49,3 +49,16 @@ def test_info_errors_are_messages(tmp_path):
     bad.write_bytes(b"garbage" * 10)
     out = _hierax("info", str(bad))
     assert out.returncode == 1 and "corrupt or truncated" in out.stderr
+
+
+def test_info_on_exported_onnx(tmp_path):
+    from hierax.export import export_model
+
+    net = create_model("hieradet_d_tiny", 3, **TINY).eval()
+    info = ModelInfo.create("hieradet_d_tiny", {n: i for i, n in enumerate(inat_names(3))}, 64, config=TINY)
+    path = export_model(net, info, tmp_path / "tiny.onnx")
+    out = _hierax("info", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["file_format"] == "onnx" and got["num_classes"] == 3 and got["input_size"] == [64, 64]
+    assert got["classes_sample"] == inat_names(3)

@@ -97,9 +97,18 @@ def load_pretrained_model(
 
 
 def describe(name_or_path: str | Path, *, progress: bool = True) -> dict:
-    """What `hierax info` prints: network, classes, input size, rgb stats, parameter count, file format."""
+    """What `hierax info` prints: network, classes, input size, rgb stats, parameter count, file format.
+    Exported graphs (.onnx, .ts, .pt2) report their stored metadata and export options instead of a count."""
     path, entry = resolve_file(name_or_path, progress=progress)
-    state, info = read_checkpoint(path, network=entry.network if entry else None)
+    extra = {}
+    if path.suffix in EXPORTED_SUFFIXES:
+        from hierax.export import read_export_metadata
+
+        info, extra["export_options"] = read_export_metadata(path)
+        num_params = None
+    else:
+        state, info = read_checkpoint(path, network=entry.network if entry else None)
+        num_params = int(sum(t.numel() for t in state.values()))
     if entry:
         info.config = {**entry.config, **info.config}
     names = info.class_names
@@ -114,7 +123,8 @@ def describe(name_or_path: str | Path, *, progress: bool = True) -> dict:
         "classes_sample": names[:5],
         "input_size": list(info.size),
         "rgb_stats": info.rgb_stats,
-        "num_params": int(sum(t.numel() for t in state.values())),
+        "num_params": num_params,
         "config": info.config,
         "version": info.version,
+        **extra,
     }
