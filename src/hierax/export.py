@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -167,6 +168,7 @@ def export_model(
     files = {METADATA_FILE: json.dumps(meta)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # traces fix the size; runners enforce it
         if fmt == "onnx":
             atomic_write(path, lambda tmp: _write_onnx(wrapper, example, tmp, meta, dynamic_batch, dynamic_size))
         elif fmt == "torchscript":
@@ -421,3 +423,39 @@ def load_exported(
         raise CheckpointError(f"{path} cannot be loaded as {fmt}: {err}") from None
     logger.info("Loaded %s (%s, %s)", path, fmt, options.get("dtype", "float32"))
     return runner, info
+
+
+BACKENDS = {"torch": None, "onnxruntime": "onnx", "torchscript": "torchscript"}
+
+
+def load_with_backend(
+    model: str | Path,
+    backend: str,
+    *,
+    device: str | torch.device | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[nn.Module | ExportedRunner, ModelInfo]:
+    """Load `model` (a registry name, checkpoint or exported file) to run on `backend`: torch, onnxruntime or
+    torchscript. A checkpoint or name is exported once (ONNX with dynamic batch and size; TorchScript at its
+    input size) into `$HIERAX_HOME/exports`, keyed by the source file, its size and time, and the input size."""
+    from hierax.weights.download import cache_dir
+    from hierax.weights.load import EXPORTED_SUFFIXES, load_pretrained_model, resolve_file
+
+    if backend not in BACKENDS:
+        raise HieraxError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    fmt = BACKENDS[backend]
+    if fmt is None or Path(model).suffix in EXPORTED_SUFFIXES:
+        if fmt is not None and format_for_path(model) != fmt:
+            raise HieraxError(f"{model} is a {format_for_path(model)} file; backend {backend} runs {fmt} files")
+        return load_pretrained_model(model, inference=True, device=device, new_size=size)
+    source, _ = resolve_file(model)
+    net, info = load_pretrained_model(source, inference=True, new_size=size)
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{info.size}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_dir().parent / "exports" / f"{source.stem}-{info.size[0]}x{info.size[1]}-{digest}{FORMATS[fmt]}"
+    if not target.is_file():
+        logger.info("Exporting %s for %s once, to %s", source.name, backend, target)
+        export_model(net, info, target, dynamic_batch=True, dynamic_size=fmt == "onnx")
+    runner, exported_info = load_exported(target, device=device)
+    return runner, exported_info.with_size(info.size)

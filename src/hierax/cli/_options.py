@@ -11,7 +11,7 @@ from hierax.inference.predict import DEFAULT_MODEL
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --size, --batch-size, --workers, --device, --amp, --tta, --quiet."""
+    """--model, --size, --batch-size, --workers, --device, --amp, --tta, --quiet, --backend."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path ({DEFAULT_MODEL})")
     parser.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), help="input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
@@ -20,6 +20,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: 5 crops, averaged")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "torchscript"),
+        default="torch",
+        help="runtime (default torch); others run an exported file, exporting a checkpoint once into the cache",
+    )
 
 
 def size_of(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -41,6 +47,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         "tta": args.tta,
         "size": size_of(args),
         "progress": not args.quiet,
+        "backend": args.backend,
     }
 
 

@@ -14,10 +14,11 @@ from hierax.data.images import ImageSource, load_image, to_rgb
 from hierax.transforms import five_crop_views
 
 
-def _device_and_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def device_and_dtype(net) -> tuple[torch.device, torch.dtype]:
+    """Where a model runs and in which dtype: from its parameters, or an exported runner's attributes."""
     param = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
     if param is None:
-        return torch.device("cpu"), torch.float32
+        return torch.device(getattr(net, "device", "cpu")), getattr(net, "dtype", torch.float32)
     return param.device, param.dtype
 
 
@@ -39,7 +40,7 @@ def infer_batch(
     """Class probabilities (B, C) and optionally embeddings (B, E) for a normalised (B, 3, H, W) batch.
 
     The batch is moved to the net's device and dtype. amp runs under bf16 autocast; outputs are float32."""
-    device, dtype = _device_and_dtype(net)
+    device, dtype = device_and_dtype(net)
     x = inputs.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
     views = five_crop_views(x) if tta else [x]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()

@@ -204,11 +204,12 @@ def evaluate(
     confusion_classes: int = 20,
     bins: int = 15,
     progress: bool = True,
+    backend: str = "torch",
 ) -> dict:
     """Evaluate `model` on a labelled dataset (class folders, iNat21 JSON or CSV); returns the report dict and,
     with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there.
     common_names (JSON index -> name, or iNat21 JSON) lets dataset labels be common names."""
-    net, info = resolve_model(model, device=device, size=size)
+    net, info = resolve_model(model, device=device, size=size, backend=backend)
     data = load_labelled(dataset, root=root)
     names = load_common_names(common_names, info.class_names) if common_names else None
     model_labels = map_labels(data, Taxonomy(info.class_names, names))

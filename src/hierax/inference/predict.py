@@ -29,7 +29,7 @@ from hierax.data.sources import expand_sources
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, restrict, top_k
 from hierax.errors import HieraxError
 from hierax.inference import writers
-from hierax.inference.classification import infer_batch
+from hierax.inference.classification import device_and_dtype, infer_batch
 from hierax.transforms import classification_transform, five_crop_views
 from hierax.weights.files import ModelInfo
 from hierax.weights.load import load_pretrained_model
@@ -94,15 +94,26 @@ def default_device() -> torch.device:
 
 
 def resolve_model(
-    model: ModelSpec, *, device: str | torch.device | None = None, size: tuple[int, int] | int | None = None
+    model: ModelSpec,
+    *,
+    device: str | torch.device | None = None,
+    size: tuple[int, int] | int | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.nn.Module, ModelInfo]:
-    """(net, info) in eval mode from a name, a path, or an already loaded pair; `size` overrides info.size."""
+    """(net, info) in eval mode from a name, a path, or an already loaded pair; `size` overrides info.size.
+    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.export.load_with_backend."""
     if isinstance(model, tuple):
         net, info = model
         net.eval()
         if device is not None:
             net.to(device)
         return net, info.with_size(size) if size else info
+    if backend != "torch":
+        from hierax.export import load_with_backend
+
+        if isinstance(size, int):
+            size = (size, size)
+        return load_with_backend(model, backend, device=device or default_device(), size=size)
     return load_pretrained_model(model, inference=True, device=device or default_device(), new_size=size)
 
 
@@ -132,10 +143,12 @@ def _forward_stages(
     net: torch.nn.Module, x: torch.Tensor, stages: Sequence[str], tta: bool, amp: bool
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Probabilities, embeddings and spatially pooled stage features in one pass (averaged over TTA views)."""
-    param = next(net.parameters())
-    x = x.to(device=param.device, dtype=param.dtype)
+    if not hasattr(net, "forward_stages"):
+        raise HieraxError("stage features need the torch backend (exported graphs give logits and embeddings)")
+    device, dtype = device_and_dtype(net)
+    x = x.to(device=device, dtype=dtype)
     views = five_crop_views(x) if tta else [x]
-    autocast = torch.autocast(param.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     probs = emb = None
     pooled: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), autocast:
@@ -282,6 +295,7 @@ def _run(
     progress: bool,
     return_embedding: bool = False,
     features: Sequence[str] = (),
+    backend: str = "torch",
 ) -> RunSummary:
     """The loop shared by predict and embed: sources -> loader -> forward -> rows -> writers, sharded by rank."""
     start = time.perf_counter()
@@ -290,7 +304,7 @@ def _run(
         paths = expand_sources(sources)
         if ddp.world > 1 and output is None:
             raise HieraxError("under torchrun, give an --output file: every rank writes its own part")
-        net, info = resolve_model(model, device=device, size=size)
+        net, info = resolve_model(model, device=device, size=size, backend=backend)
         columns, context = columns_for(info)
         output = Path(output) if output is not None else None
         my_output = _shard_name(output, "rank", ddp.rank) if output is not None and ddp.world > 1 else output
@@ -305,8 +319,7 @@ def _run(
         if ddp.world > 1:
             dist.barrier()  # every rank has read the same `done` before any rank writes again
         mine = todo[ddp.rank :: ddp.world]
-        param = next(net.parameters(), None)
-        pin = param is not None and param.device.type == "cuda"
+        pin = device_and_dtype(net)[0].type == "cuda"
         transform = classification_transform(info.size, info.rgb_stats)
         loader = make_loader(mine, transform, batch_size=batch_size, workers=workers, pin_memory=pin)
         in_memory: list[dict] = []
@@ -396,13 +409,14 @@ def predict(
     species_list: str | os.PathLike | Sequence[str] | None = None,
     chunk_size: int = 256,
     progress: bool = True,
+    backend: str = "torch",
 ) -> RunSummary:
     """Classify every image named by `sources`; rows go to `output` (.csv/.jsonl/.parquet) or summary.rows.
 
     common_names: JSON index -> name, or an iNat21 annotation JSON. species_list: a file or a list of entries
     (class names, binomials, common names) that predictions are restricted to and renormalised over.
     rollup: add the deepest rank whose summed probability passes `thresholds` (species 0.8, genus 0.6,
-    family 0.4 by default)."""
+    family 0.4 by default). backend: torch, onnxruntime or torchscript (see hierax.export.load_with_backend)."""
     if top_k < 1:
         raise HieraxError("top_k must be at least 1")
 
@@ -426,7 +440,9 @@ def predict(
             result.paths, result.probs, taxonomy, k=k, allowed=allowed, rollup=rollup, thresholds=thresholds
         )
 
-    run_options = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size)
+    run_options = dict(
+        batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size, backend=backend
+    )
     return _run(sources, model, output=output, errors_output=errors_output, columns_for=columns_for,
                 rows_for=rows_for, resume=resume, chunk_size=chunk_size, progress=progress, **run_options)
 
@@ -447,6 +463,7 @@ def embed(
     resume: bool = False,
     chunk_size: int = 256,
     progress: bool = True,
+    backend: str = "torch",
 ) -> RunSummary:
     """Embeddings (float32, e.g. 768-d) of every image, with optional spatially pooled stage features, to
     `output` (.parquet: columns path, embedding, stageN; .npy: see hierax.inference.writers) or summary.rows."""
@@ -464,7 +481,9 @@ def embed(
             rows.append(row)
         return rows
 
-    run_options = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size)
+    run_options = dict(
+        batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size, backend=backend
+    )
     return _run(sources, model, output=output, errors_output=errors_output, columns_for=columns_for,
                 rows_for=rows_for, resume=resume, chunk_size=chunk_size, progress=progress,
                 return_embedding=True, features=list(features), **run_options)

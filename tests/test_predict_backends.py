@@ -1,0 +1,57 @@
+"""`hierax predict --backend`: ONNX Runtime and TorchScript give the torch backend's predictions."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from hierax.cli import main
+from hierax.errors import HieraxError
+from hierax.export import load_with_backend
+from hierax.inference.predict import predict
+from hierax.models import create_model
+from hierax.weights.files import ModelInfo, write_checkpoint
+from tests.conftest import TINY, inat_names
+
+
+@pytest.fixture
+def setup(tmp_path, hierax_home):
+    torch.manual_seed(0)
+    net = create_model("hieradet_d_tiny", 4, **TINY)
+    info = ModelInfo.create("hieradet_d_tiny", {n: i for i, n in enumerate(inat_names(4))}, 64, config=TINY)
+    ckpt = write_checkpoint(tmp_path / "tiny.pt", net, info)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(data, name)()).save(photos / f"{name}.jpg")
+    return ckpt, photos
+
+
+def _probs(summary):
+    return np.array([[row[f"prob_{i}"] for i in range(1, 5)] for row in summary.rows])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_backends_match_torch(setup, hierax_home, backend):
+    ckpt, photos = setup
+    base = predict([photos], ckpt, top_k=4, workers=0, progress=False)
+    other = predict([photos], ckpt, top_k=4, workers=0, progress=False, backend=backend)
+    assert [r["label_1"] for r in other.rows] == [r["label_1"] for r in base.rows]
+    assert np.abs(_probs(other) - _probs(base)).max() < 1e-4
+    exports = list((hierax_home / "exports").iterdir())
+    assert len(exports) == 1
+    predict([photos], ckpt, top_k=4, workers=0, progress=False, backend=backend)
+    assert list((hierax_home / "exports").iterdir()) == exports
+
+
+def test_backend_cli_and_mismatch(setup, tmp_path, hierax_home):
+    ckpt, photos = setup
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(photos), "--model", str(ckpt), "--backend", "onnxruntime", "-o", str(out),
+                 "--workers", "0", "--quiet"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    runner, _ = load_with_backend(ckpt, "onnxruntime")
+    onnx_file = next((hierax_home / "exports").glob("*.onnx"))
+    with pytest.raises(HieraxError, match="backend torchscript runs torchscript files"):
+        load_with_backend(onnx_file, "torchscript")
