@@ -55,7 +55,7 @@ def test_real_photos_path_pil_array_agree(tmp_path, net, transform, photo):
     Image.fromarray(arr).save(path)
     p_path, _ = infer_image(net, str(path), transform)
     p_arr, _ = infer_image(net, arr, transform)
-    p_tensor, _ = infer_image(net, torch.from_numpy(arr).permute(2, 0, 1), transform)
+    p_tensor, _ = infer_image(net, torch.tensor(arr).permute(2, 0, 1), transform)
     p_pil, emb = infer_image(net, Image.open(path), transform, return_embedding=True)
     assert p_path.shape == (1, 6) and np.isclose(p_path.sum(), 1, atol=1e-5)
     assert np.allclose(p_path, p_arr, atol=1e-6) and np.allclose(p_path, p_tensor, atol=1e-6)
