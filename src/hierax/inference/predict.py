@@ -136,7 +136,14 @@ def make_loader(
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_yield_to_the_model,
     )
+
+
+def _yield_to_the_model(_worker_id: int) -> None:
+    """Lower a decoding worker's CPU priority: on a CPU-only machine the model's threads use every core, and a
+    worker preempting one of them stalls them all at their next barrier."""
+    os.nice(10)
 
 
 def _forward_stages(
