@@ -106,3 +106,12 @@ def file_server():
     server = FileServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: many small ops run far faster so on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

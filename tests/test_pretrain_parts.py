@@ -32,12 +32,7 @@ from hierax.training.dino_monitor import CollapseMonitor, feature_spread, knn_to
 from hierax.training.dino_v2 import DinoConfig, DinoSchedule, build_student
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dino_head_scores_are_cosines_and_prototypes_are_the_last_layer():

@@ -39,13 +39,7 @@ def tiny_config() -> DinoConfig:
     return DinoConfig(num_prototypes=256, head_hidden_dim=128, head_bottleneck_dim=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small ops on a shared 2-core machine run many times faster on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

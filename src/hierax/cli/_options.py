@@ -4,6 +4,7 @@ train / pretrain."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from hierax.errors import HieraxError
@@ -84,3 +85,14 @@ def system_kwargs(args: argparse.Namespace) -> dict:
         "resume": args.resume,
         "device": args.device,
     }
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --model-config: a JSON object of HieraDet config overrides."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value

@@ -8,26 +8,15 @@ hierax pretrain ...` for DDP."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, system_kwargs
+from hierax.cli._options import add_system_options, json_object, system_kwargs
 from hierax.errors import HieraxError
 from hierax.training.dino_v2 import DinoConfig, pretrain
 
 COMMAND = "pretrain"
 HELP = "DINOv2 self-supervised pretraining of a backbone on unlabelled images"
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="images: a folder (searched recursively; class folders are fine, labels are ignored), "
                            "a list or CSV file, a glob or an iNat21 .json")
     data.add_argument("--network", default="hieradet_d_small", help="architecture (default hieradet_d_small)")
-    data.add_argument("--model-config", type=_json_object, default={},
+    data.add_argument("--model-config", type=json_object, default={},
                       help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
     data.add_argument("--size", type=int, default=224, help="global crop side (default 224)")
     data.add_argument("--local-size", type=int, help="local crop side (default: 96/224 of --size)")

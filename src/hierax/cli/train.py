@@ -6,11 +6,10 @@ train ...` for DDP. Progressive resolution: a second run with `--init-from RUN/m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, system_kwargs
+from hierax.cli._options import add_system_options, json_object, system_kwargs
 from hierax.training.augment import AUGMENTS
 from hierax.training.engine import TrainConfig
 from hierax.training.supervised import FineTuneConfig, train_classifier
@@ -30,16 +29,6 @@ def _size(text: str) -> tuple[int, int]:
     return (sides[0], sides[-1])
 
 
-def _config_overrides(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--model-config must be a JSON object: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--model-config must be a JSON object")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data and model")
     data.add_argument("--data", required=True, help="training set: class folders, an iNat21 .json or a path,label .csv")
@@ -47,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", help="folder that .json/.csv image paths are relative to (default: the file's)")
     data.add_argument("--network", help="architecture (default: the --init-from model's, else hieradet_d_small)")
     data.add_argument("--init-from", help="registry name, checkpoint, or SAM 2 / timm file to start from")
-    data.add_argument("--model-config", type=_config_overrides, default={},
+    data.add_argument("--model-config", type=json_object, default={},
                       help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
     data.add_argument("--size", type=_size, default=(256, 256), help="training size, N or HxW (default 256)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="where model.pt and logs go")
