@@ -8,10 +8,9 @@ hierax pretrain ...` for DDP."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, json_object, system_kwargs
+from hierax.cli._options import add_system_options, is_main_rank, json_object, system_kwargs
 from hierax.errors import HieraxError
 from hierax.training.dino_v2 import DinoConfig, pretrain
 
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         network_config=args.model_config,
         **options,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_rank():
         last = next((r for r in reversed(history) if r.get("split") == "train"), {})
         summary = f"backbone: {args.output_dir / 'model.pt'}"
         if last:

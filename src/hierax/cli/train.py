@@ -6,10 +6,9 @@ train ...` for DDP. Progressive resolution: a second run with `--init-from RUN/m
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, json_object, system_kwargs
+from hierax.cli._options import add_system_options, is_main_rank, json_object, system_kwargs
 from hierax.training.augment import AUGMENTS
 from hierax.training.engine import TrainConfig
 from hierax.training.supervised import FineTuneConfig, train_classifier
@@ -105,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
     summary = f"model: {result.model_path}"
     if val:
         summary += f" (val top-1 {val[-1]['top1']:.4f}, top-5 {val[-1]['top5']:.4f})"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_rank():
         print(summary)
     return 0
