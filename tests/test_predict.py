@@ -62,7 +62,8 @@ def test_corrupt_files_mixed_with_good(tmp_path, checkpoint, photos):
         probs, _ = expected(net_info, row["path"])
         order = np.argsort(-probs)[:3]
         assert [row[f"label_{i + 1}"] for i in range(3)] == [CLASS_NAMES[j] for j in order]
-        np.testing.assert_allclose([float(row[f"prob_{i + 1}"]) for i in range(3)], probs[order], atol=2e-6)
+        # The CSV keeps 6 digits; batched float32 matmuls add about 2e-6 against the one-image path.
+        np.testing.assert_allclose([float(row[f"prob_{i + 1}"]) for i in range(3)], probs[order], atol=5e-6)
         taxon_best = CLASS_NAMES[order[0]].split("_")
         assert row["genus"] == taxon_best[6] and row["species"] == f"{taxon_best[6]} {taxon_best[7]}"
     errors = writers.read_errors(tmp_path / "out.errors.csv")

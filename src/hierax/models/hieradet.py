@@ -292,21 +292,23 @@ class HieraDet(nn.Module):
         return nn.Linear(self.embedding_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_weights(self) -> None:
+        """Position embeddings and the classifier get N(0, 0.02); the blocks keep PyTorch's fan-in scaled default,
+        as in SAM 2 and the reference (a fixed 0.02 starves narrow networks trained from scratch)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self._init_classifier()
+
+    def _init_classifier(self) -> None:
+        if isinstance(self.classifier, nn.Linear):
+            nn.init.trunc_normal_(self.classifier.weight, std=0.02)
+            nn.init.zeros_(self.classifier.bias)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a freshly initialised one with `num_classes` outputs (0: none)."""
         self.num_classes = num_classes
         device = self.features[0].weight.device
         self.classifier = self._make_classifier(num_classes).to(device)
-        if isinstance(self.classifier, nn.Linear):
-            nn.init.trunc_normal_(self.classifier.weight, std=0.02)
-            nn.init.zeros_(self.classifier.bias)
+        self._init_classifier()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward, trading compute for memory."""
