@@ -130,7 +130,7 @@ def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
     top1 = {}
     for name, init in (("random", None), ("pretrained", str(pretrained[0] / "model.pt"))):
         options = FineTuneConfig(data=str(train), val=str(val), network=NETWORK, init_from=init, size=(64, 64),
-                                 model_config=dict(TINY), augment="none", crop_scale=(0.5, 1.0), mix_prob=0.0)
+                                 model_config=dict(TINY), augment="none", min_crop=0.5, mix_prob=0.0)
         config = TrainConfig(output_dir=tmp_path / name, epochs=10, batch_size=10, lr=2e-3, num_workers=0,
                              log_every=100)
         torch.manual_seed(0)  # the same classifier init and data order for both

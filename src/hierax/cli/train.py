@@ -60,9 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--label-smoothing", type=float, default=0.1)
     aug.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
-    aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: grows with --epochs)")
-    aug.add_argument("--random-erasing", type=float, default=0.25, help="random erasing probability")
-    aug.add_argument("--min-crop", type=float, default=0.08, help="smallest random-resized-crop area share")
+    aug.add_argument("--augment-strength", type=float,
+                     help="0 to 1: scales crop, policy and erasing together (default: grows with --epochs, "
+                          "0 up to 5 epochs, 1 from 50)")
+    aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: 0 up to 20 epochs, 1 from 100)")
+    aug.add_argument("--random-erasing", type=float, help="random erasing probability (default: 0.25 x strength)")
+    aug.add_argument("--min-crop", type=float,
+                     help="smallest random-resized-crop area share (default: 1 - 0.92 x strength)")
 
     add_system_options(parser, "model")
 
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         cutmix=args.cutmix,
         mix_prob=args.mix_prob,
         augment=args.augment,
-        crop_scale=(args.min_crop, 1.0),
+        augment_strength=args.augment_strength,
+        min_crop=args.min_crop,
         random_erasing=args.random_erasing,
         linear_probe=args.linear_probe,
     )

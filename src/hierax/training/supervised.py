@@ -2,9 +2,9 @@
 
 The recipe of the published model as defaults: AdamW, layer-wise LR decay 0.65 over the blocks when starting from
 pretrained weights (none from scratch), no weight decay on norms, biases and position embeddings, warmup then
-cosine, label smoothing 0.1, MixUp/CutMix (their default share grows with the run's length, see
-`augment.auto_mix_prob`), TrivialAugment (or RandAugment) with random resized crop and random erasing, model EMA
-saved as the model, bf16 autocast on CUDA. `linear_probe` freezes everything but the classifier.
+cosine, label smoothing 0.1, MixUp/CutMix, TrivialAugment (or RandAugment) with random resized crop and random
+erasing, scaled to the run's length (`augment.auto_strength`, `augment.auto_mix_prob`: a 10-epoch run is barely
+augmented, a 100-epoch one gets the full recipe), model EMA saved as the model, bf16 autocast on CUDA. `linear_probe` freezes everything but the classifier.
 
 `init_from` takes a registry name, a hierax / reference checkpoint or a SAM 2 / timm file. The head is kept when
 its classes are the training set's, otherwise replaced (and logged). Progressive resolution is a second run at a
@@ -30,7 +30,7 @@ from hierax.inference.evaluate import topk_correct
 from hierax.models import HieraDet, create_model
 from hierax.models.hieradet import HieraDetConfig
 from hierax.training import optim
-from hierax.training.augment import BatchMix, auto_mix_prob, training_transform
+from hierax.training.augment import BatchMix, auto_mix_prob, auto_strength, training_transform
 from hierax.training.engine import (
     Engine,
     Stage,
@@ -62,10 +62,11 @@ class FineTuneConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
-    mix_prob: float | None = None  # None: augment.auto_mix_prob(epochs)
     augment: str = "trivialaugment"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    random_erasing: float = 0.25
+    augment_strength: float | None = None  # None: augment.auto_strength(epochs)
+    mix_prob: float | None = None  # None: augment.auto_mix_prob(epochs)
+    min_crop: float | None = None  # None: from the strength
+    random_erasing: float | None = None  # None: from the strength
     linear_probe: bool = False
 
 
@@ -147,16 +148,18 @@ class SupervisedStage(Stage):
             model.classifier.requires_grad_(True)
         self.model = model
         size = tuple(options.size)
+        strength = options.augment_strength if options.augment_strength is not None else auto_strength(epochs)
         erasing = 0.0 if options.linear_probe else options.random_erasing
-        train_tf = training_transform(size, self.rgb_stats, options.augment, options.crop_scale, erasing)
+        train_tf = training_transform(size, self.rgb_stats, options.augment, strength, options.min_crop, erasing)
         self.train_dataset = ImageDataset.from_labelled(train, train_tf)
         eval_tf = classification_transform(size, self.rgb_stats)
         self.val_dataset = ImageDataset.from_labelled(val, eval_tf) if val is not None else None
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
         prob = 0.0 if options.linear_probe else prob
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
-        logger.info("fine-tuning %s on %d images, %d classes, at %dx%d; mixed batches: %.0f%%", self.network,
-                    len(train), len(self.class_to_idx), size[0], size[1], 100 * self.mix.prob)
+        logger.info("fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, mixed batches: "
+                    "%.0f%%", self.network, len(train), len(self.class_to_idx), size[0], size[1], strength,
+                    100 * self.mix.prob)
 
     def info(self) -> ModelInfo:
         """The ModelInfo written with the model: training classes, this run's size, rgb stats and config."""
