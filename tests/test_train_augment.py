@@ -17,8 +17,8 @@ def _image() -> torch.Tensor:
 
 
 def test_strength_and_mixing_grow_with_the_run():
-    assert [auto_strength(e) for e in (1, 5, 50, 300)] == [0.0, 0.0, 1.0, 1.0]
-    assert auto_strength(10) == pytest.approx(5 / 45)
+    assert [auto_strength(e) for e in (1, 5, 100, 300)] == [0.0, 0.0, 1.0, 1.0]
+    assert auto_strength(30) == pytest.approx(25 / 95)
     assert [auto_mix_prob(e) for e in (10, 20, 100, 300)] == [0.0, 0.0, 1.0, 1.0]
     assert auto_mix_prob(30) == pytest.approx(0.125)
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
     aug.add_argument("--augment-strength", type=float,
                      help="0 to 1: scales crop, policy and erasing together (default: grows with --epochs, "
-                          "0 up to 5 epochs, 1 from 50)")
+                          "0 up to 5 epochs, 1 from 100)")
     aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: 0 up to 20 epochs, 1 from 100)")
     aug.add_argument("--random-erasing", type=float, help="random erasing probability (default: 0.25 x strength)")
     aug.add_argument("--min-crop", type=float,
