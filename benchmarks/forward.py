@@ -44,7 +44,7 @@ def gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable, float]:
     models, its best round is the GEMM peak the models are compared with under the same load. It runs through
     hierax's Linear, so on CPU fp32 it is oneDNN's GEMM (faster than ATen's BLAS default on AMD CPUs)."""
     n = 8192 if device.type == "cuda" else 2048
-    layer = hieradet.Linear(n, n, bias=False).to(device, dtype)
+    layer = hieradet.Linear(n, n, bias=False).to(device, dtype).eval()
     a = torch.randn(n, n, device=device, dtype=dtype)
 
     def run(x: torch.Tensor) -> torch.Tensor:

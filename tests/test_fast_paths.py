@@ -1,8 +1,10 @@
-"""Every fast path gives the plain path's outputs: oneDNN fp32 Linear vs ATen's, matmul attention vs the fused
-kernel, the cached position embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and
-torch.compile.
+"""Every fast path gives the plain path's outputs: oneDNN Linear (fp32, bf16, autocast with its cast kept, fused
+GELU) vs ATen's, matmul attention vs the fused kernel, the cached position embedding vs recomputing it,
+channels-last inputs, bf16 (weights or autocast) and torch.compile.
 
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
+
+import pickle
 
 import pytest
 import torch
@@ -103,13 +105,81 @@ def test_cache_stays_small():
 
 
 def test_onednn_linear_matches_aten():
-    layer = hieradet.Linear(48, 96)
+    layer = hieradet.Linear(48, 96).eval()
     x = torch.randn(2, 5, 7, 48)
     with torch.no_grad(), torch.profiler.profile() as prof:
         fast = layer(x)
     assert any("linear_pointwise" in event.name for event in prof.events()), "the oneDNN path was taken"
     plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert (fast - plain).abs().max().item() <= FP32_TOL
+
+
+def _took_onednn(fn) -> tuple[torch.Tensor, bool]:
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, any("linear_pointwise" in event.name for event in prof.events())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
+    torch.manual_seed(0)
+    layer = hieradet.Linear(48, 96).eval()
+    x = torch.randn(3, 10, 48)
+    want = F.linear(x, layer.weight, layer.bias)
+    want = F.gelu(want) if gelu else want
+    tol = BF16_REL_TOL * want.abs().max().item()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast, fast = _took_onednn(lambda: layer(x, gelu=gelu))
+        assert fast and autocast.dtype == torch.bfloat16
+        assert (autocast.float() - want).abs().max().item() <= tol
+        layer.to(torch.bfloat16)
+        weights, fast = _took_onednn(lambda: layer(x.bfloat16(), gelu=gelu))
+        assert fast and weights.dtype == torch.bfloat16
+        assert (weights.float() - want).abs().max().item() <= tol
+
+
+def test_autocast_casts_once_and_follows_new_weights():
+    layer = hieradet.Linear(16, 8).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        cast = hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1]
+        layer(x)
+        assert hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1] is cast, "the second call reuses the cast weight"
+        layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+        got = layer(x).float()
+    want = F.linear(x, layer.weight, layer.bias)
+    assert (got - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item()
+    assert hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1] is not cast
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    copy = pickle.loads(pickle.dumps(layer))  # no oneDNN tensor travels with the module
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(copy(x).float(), got)
+
+
+def test_onednn_path_is_for_inference_only():
+    layer = hieradet.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert layer.onednn_dtype(x) is None, "training mode"
+        layer.eval()
+        assert layer.onednn_dtype(x) == torch.float32
+        assert layer.onednn_dtype(x.double()) is None
+    assert layer.onednn_dtype(x) is None, "autograd"
+
+
+def test_fused_mlp_matches_the_sequential_one(monkeypatch):
+    torch.manual_seed(0)
+    mlp = hieradet.Mlp(32, 128).eval()
+    x = torch.randn(2, 5, 5, 32)
+    with torch.no_grad():
+        fused, fast = _took_onednn(lambda: mlp(x))
+        monkeypatch.setattr(hieradet, "_ONEDNN_LINEAR", False)
+        plain = mlp(x)
+    assert fast
+    assert (fused - plain).abs().max().item() <= FP32_TOL
+    assert list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
 def test_onednn_linear_path_agrees_with_autograd_path(monkeypatch):
