@@ -2,12 +2,14 @@
 
 For each input size, batch size and dtype it times, interleaved round by round (best round kept, so other load
 on a shared machine hurts every contender alike):
-- `hierax`: the eager model with its fast paths (cached position embedding; on CPU, fp32 Linear layers through
-  oneDNN and, in bf16, attention as two matmuls and a softmax instead of the fused kernel);
+- `hierax`: the eager model with its fast paths (cached position embedding; on CPU, Linear layers through
+  oneDNN with GELU fused and autocast's weight cast kept, and in bf16 attention as two matmuls and a softmax
+  instead of the fused kernel);
 - `hierax-plain`: the same model on the plain path (fused attention kernel, position embedding recomputed each
   call, Linear layers through ATen's default), i.e. the code before the fast paths;
 - `hierax-bf16w` (bf16 only): weights and activations in bf16 instead of autocast;
-- `hierax-compile` (--compile): torch.compile of the eager model;
+- `hierax-compile`, `hierax-bf16w-c` (--compile): torch.compile of the eager model and of the bf16-weights one,
+  with inductor's freezing on CPU (weights become constants: prepacked GEMMs with fused epilogues);
 - `birder` (hieradet_d_small) and `timm` (sam2_hiera_small) when importable (install them in a separate
   virtualenv, never into hierax's environment).
 bf16 means autocast unless the name says otherwise. It also measures the machine's GEMM peak (square fp32 and
@@ -121,7 +123,11 @@ def contenders(args, size: int, dtype: str, device: torch.device) -> dict[str, C
         bf16.load_state_dict(net.state_dict())
         out["hierax-bf16w"] = lambda x, f=run(bf16, autocast=False): f(x.bfloat16())
     if args.compile:
+        # On CPU, inductor's freezing makes the weights constants: prepacked oneDNN GEMMs with fused epilogues.
+        torch._inductor.config.freezing = device.type == "cpu"
         out["hierax-compile"] = run(torch.compile(net))
+        if amp:
+            out["hierax-bf16w-c"] = lambda x, f=run(torch.compile(bf16), autocast=False): f(x.bfloat16())
     for name, ref in refs.items():
         out[name] = run(ref.eval().to(device))
     return out
