@@ -31,8 +31,10 @@ TINY = {"depths": (1, 1, 1, 1), "embed_dim": 16, "drop_path_rate": 0.0}
 # (measured with seed 0: photo crops 0.54 -> 0.77, textures 0.375 -> 0.50; seeds 0 and 1 gave +0.23 and +0.21 on photos)
 PHOTO_GAIN = 0.10
 MAX_LOSS = 0.06
-# fine-tuning on 40 labelled photo crops for 40 steps: measured 0.56 from the backbone against 0.45 from random init
-FINE_TUNE_GAIN = 0.08
+# A linear probe (hierax train --init-from ... --linear-probe) on 40 labelled photo crops for 40 steps: measured
+# 0.59 from the backbone against 0.48 from random init (+0.075 to +0.14 over three data seeds). Full fine-tuning of
+# this tiny network from random init catches up within 40 steps, so the probe is what measures the features.
+PROBE_GAIN = 0.05
 
 
 def tiny_config() -> DinoConfig:
@@ -117,7 +119,7 @@ def test_pretraining_lowers_the_losses_and_beats_random_init_on_knn(pretrained, 
 
 
 @pytest.mark.slow
-def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
+def test_a_linear_probe_on_the_backbone_beats_random_init(pretrained, tmp_path):
     def write(split: str, per_class: int, seed: int) -> Path:
         images, labels = make_labelled_photo_crops(per_class, 64, seed)
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
@@ -130,13 +132,13 @@ def test_fine_tuning_from_the_backbone_beats_random_init(pretrained, tmp_path):
     top1 = {}
     for name, init in (("random", None), ("pretrained", str(pretrained[0] / "model.pt"))):
         options = FineTuneConfig(data=str(train), val=str(val), network=NETWORK, init_from=init, size=(64, 64),
-                                 model_config=dict(TINY), augment="none", min_crop=0.5, mix_prob=0.0)
+                                 model_config=dict(TINY), augment="none", min_crop=0.5, mix_prob=0.0, linear_probe=True)
         config = TrainConfig(output_dir=tmp_path / name, epochs=10, batch_size=10, lr=2e-3, num_workers=0,
                              log_every=100)
         torch.manual_seed(0)  # the same classifier init and data order for both
         top1[name] = [r["top1"] for r in train_classifier(options, config).history if r["split"] == "val"][-1]
-    print(f"fine-tuning val top-1 after 40 steps: {top1}")
-    assert top1["pretrained"] >= top1["random"] + FINE_TUNE_GAIN
+    print(f"linear-probe val top-1 after 40 steps: {top1}")
+    assert top1["pretrained"] >= top1["random"] + PROBE_GAIN
 
 
 def test_a_three_epoch_run_does_not_hurt_the_features(unlabelled, probes, tmp_path):

@@ -56,13 +56,16 @@ def test_bad_augmentation_settings_are_refused(kwargs, message):
         training_transform((32, 32), **kwargs)
 
 
-def test_blocks_keep_fan_in_init_and_the_classifier_starts_small():
+def test_blocks_keep_fan_in_init_the_classifier_starts_small_and_pretraining_uses_vit_init():
     torch.manual_seed(0)
     model = create_model("hieradet_d_tiny", num_classes=1000, **TINY)
     qkv = model.body[0][0].attn.qkv.weight  # fan-in 16: PyTorch's default std is 1 / sqrt(3 * 16) = 0.144
     assert qkv.std().item() == pytest.approx((3 * 16) ** -0.5, rel=0.15)
     assert model.classifier.weight.std().item() == pytest.approx(0.02, rel=0.15)
     assert model.classifier.bias.abs().max().item() == 0.0
+    model.init_linear_layers()  # DINOv2's scheme, used by pretraining from scratch
+    assert qkv.std().item() == pytest.approx(0.02, rel=0.15)
+    assert model.body[0][0].attn.qkv.bias.abs().max().item() == 0.0
     model.reset_classifier(7)
     assert model.classifier.weight.shape == (7, model.embedding_size)
     assert model.classifier.weight.std().item() == pytest.approx(0.02, rel=0.3)

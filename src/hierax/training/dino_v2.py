@@ -164,8 +164,11 @@ class DinoStudent(nn.Module):
 
 
 def build_student(network: str, config: DinoConfig, **network_config) -> DinoStudent:
-    """A DinoStudent around a fresh `network` backbone (no classifier); `network_config` overrides its config."""
-    return DinoStudent(create_model(network, 0, **network_config), config)
+    """A DinoStudent around a fresh `network` backbone (no classifier, DINOv2's truncated-normal init of the Linear
+    layers); `network_config` overrides its config."""
+    backbone = create_model(network, 0, **network_config)
+    backbone.init_linear_layers()
+    return DinoStudent(backbone, config)
 
 
 class DinoV2Stage(Stage):
