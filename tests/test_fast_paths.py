@@ -167,6 +167,11 @@ def test_onednn_path_is_for_inference_only():
         assert layer.onednn_dtype(x) == torch.float32
         assert layer.onednn_dtype(x.double()) is None
     assert layer.onednn_dtype(x) is None, "autograd"
+    with torch.inference_mode():
+        frozen = hieradet.Linear(16, 8).eval()  # inference-tensor weights: no version counter
+        assert frozen.onednn_dtype(x) == torch.float32, "used as they are"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert frozen.onednn_dtype(x) is None, "no cast can be kept for them"
 
 
 def test_fused_mlp_matches_the_sequential_one(monkeypatch):

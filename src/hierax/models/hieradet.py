@@ -156,12 +156,14 @@ class Linear(nn.Linear):
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
             or torch.compiler.is_exporting()
-            or self.weight.is_inference()  # no version counter to key the packed weight on
         ):
             return None
         autocast = _autocast_dtype()
         if autocast is not None:
-            return autocast if autocast == torch.bfloat16 and self.weight.is_floating_point() else None
+            weight = self.weight
+            # A kept cast is keyed on the weight's version counter, which inference tensors lack.
+            castable = weight.is_floating_point() and (weight.dtype == autocast or not weight.is_inference())
+            return autocast if autocast == torch.bfloat16 and castable else None
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
             return x.dtype
         return None
