@@ -298,6 +298,13 @@ class SpatialMean(nn.Module):
         return x.mean(dim=(1, 2))
 
 
+def _init_trunc_normal(linear: nn.Linear, std: float = 0.02) -> None:
+    """Truncated N(0, std) weights and zero bias."""
+    nn.init.trunc_normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 class HieraDet(nn.Module):
     """The HieraDet family. `num_classes=0` gives a backbone without a classifier."""
 
@@ -361,8 +368,7 @@ class HieraDet(nn.Module):
 
     def _init_classifier(self) -> None:
         if isinstance(self.classifier, nn.Linear):
-            nn.init.trunc_normal_(self.classifier.weight, std=0.02)
-            nn.init.zeros_(self.classifier.bias)
+            _init_trunc_normal(self.classifier)
 
     def init_linear_layers(self, std: float = 0.02) -> None:
         """Re-initialise every Linear layer with a truncated N(0, std) and zero bias: the ViT/DINOv2 scheme that
@@ -370,9 +376,7 @@ class HieraDet(nn.Module):
         k-NN 0.775 from it against 0.717 from the fan-in default)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                _init_trunc_normal(module, std)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a freshly initialised one with `num_classes` outputs (0: none)."""

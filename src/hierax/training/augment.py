@@ -65,14 +65,19 @@ def training_transform(
     return v2.Compose(steps)
 
 
+def _ramp(epochs: int, start: int, end: int) -> float:
+    """0 up to `start` epochs, rising linearly to 1 at `end` epochs."""
+    return min(1.0, max(0.0, (epochs - start) / (end - start)))
+
+
 def auto_strength(epochs: int) -> float:
     """The default augmentation strength: 0 up to 5 epochs, rising linearly to 1 at 100 epochs."""
-    return min(1.0, max(0.0, (epochs - 5) / 95))
+    return _ramp(epochs, 5, 100)
 
 
 def auto_mix_prob(epochs: int) -> float:
     """The default share of MixUp/CutMix batches: 0 up to 20 epochs, rising linearly to 1 at 100 epochs."""
-    return min(1.0, max(0.0, (epochs - 20) / 80))
+    return _ramp(epochs, 20, 100)
 
 
 class BatchMix:

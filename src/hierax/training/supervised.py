@@ -4,7 +4,8 @@ The recipe of the published model as defaults: AdamW, layer-wise LR decay 0.65 o
 pretrained weights (none from scratch), no weight decay on norms, biases and position embeddings, warmup then
 cosine, label smoothing 0.1, MixUp/CutMix, TrivialAugment (or RandAugment) with random resized crop and random
 erasing, scaled to the run's length (`augment.auto_strength`, `augment.auto_mix_prob`: a 10-epoch run is barely
-augmented, a 100-epoch one gets the full recipe), model EMA saved as the model, bf16 autocast on CUDA. `linear_probe` freezes everything but the classifier.
+augmented, a 100-epoch one gets the full recipe), model EMA saved as the model, bf16 autocast on CUDA.
+`linear_probe` freezes everything but the classifier.
 
 `init_from` takes a registry name, a hierax / reference checkpoint or a SAM 2 / timm file. The head is kept when
 its classes are the training set's, otherwise replaced (and logged). Progressive resolution is a second run at a
