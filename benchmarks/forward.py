@@ -58,13 +58,13 @@ def gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable, float]:
 
 def model_flops(net: torch.nn.Module, size: int) -> float:
     """FLOPs of one image at size x size, counted on ATen's ops (attention through its two-matmul form)."""
-    saved = hieradet.use_matmul_attention, hieradet._ONEDNN_LINEAR
-    hieradet.use_matmul_attention, hieradet._ONEDNN_LINEAR = (lambda q, k: True), False
+    saved = hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES
+    hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES = (lambda q, k: True), frozenset()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             net.cpu().float()(torch.randn(1, 3, size, size))
     finally:
-        hieradet.use_matmul_attention, hieradet._ONEDNN_LINEAR = saved
+        hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES = saved
     return float(counter.get_total_flops())
 
 
@@ -72,14 +72,14 @@ def model_flops(net: torch.nn.Module, size: int) -> float:
 def plain_paths():
     """The model's plain path: fused attention kernel, position embedding recomputed on every call, Linear
     layers through ATen's default (BLAS for fp32)."""
-    saved = (hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_LINEAR)
+    saved = (hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_DTYPES)
     hieradet.use_matmul_attention = lambda q, k: False
     hieradet.HieraDet.position_embedding = hieradet.HieraDet._compute_position_embedding
-    hieradet._ONEDNN_LINEAR = False
+    hieradet._ONEDNN_DTYPES = frozenset()
     try:
         yield
     finally:
-        hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_LINEAR = saved
+        hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_DTYPES = saved
 
 
 def reference_models(size: int) -> dict[str, torch.nn.Module]:

@@ -5,6 +5,7 @@ channels-last inputs, bf16 (weights or autocast) and torch.compile.
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
 
 import pickle
+import platform
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ from tests.conftest import TINY
 
 FP32_TOL = 1e-5
 BF16_REL_TOL = 0.05
+ONEDNN_OPS = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+NATIVE_BF16 = torch.bfloat16 in hieradet._ONEDNN_DTYPES
+needs_native_bf16 = pytest.mark.skipif(
+    not NATIVE_BF16, reason="this CPU has no native bf16 kernels: oneDNN refuses bf16, so ATen's path runs"
+)
+
+
+@pytest.fixture
+def onednn_fp32(monkeypatch):
+    """The oneDNN fp32 path, also on CPUs where ATen's BLAS is the faster default (AVX2-only x86)."""
+    if not ONEDNN_OPS:
+        pytest.skip("no oneDNN linear ops in this torch build")
+    monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", hieradet._ONEDNN_DTYPES | {torch.float32})
 
 
 def _tiny(network="hieradet_d_tiny", seed=0):
@@ -61,7 +75,8 @@ def test_model_attention_paths_agree(monkeypatch, network, autocast):
 def test_attention_policy():
     q = torch.zeros(1, 1, 4, 8)
     assert not hieradet.use_matmul_attention(q, q), "fp32 on CPU: the fused kernel"
-    assert hieradet.use_matmul_attention(q.bfloat16(), q.bfloat16()), "bf16 on CPU: two matmuls"
+    native = torch.bfloat16 in hieradet._CPU_NATIVE_HALF
+    assert hieradet.use_matmul_attention(q.bfloat16(), q.bfloat16()) == native, "bf16: two matmuls if native"
 
 
 def test_position_embedding_cache_matches_and_follows_weights():
@@ -104,7 +119,7 @@ def test_cache_stays_small():
     assert len(net._pos_cache) <= 8
 
 
-def test_onednn_linear_matches_aten():
+def test_onednn_linear_matches_aten(onednn_fp32):
     layer = hieradet.Linear(48, 96).eval()
     x = torch.randn(2, 5, 7, 48)
     with torch.no_grad(), torch.profiler.profile() as prof:
@@ -120,6 +135,7 @@ def _took_onednn(fn) -> tuple[torch.Tensor, bool]:
     return out, any("linear_pointwise" in event.name for event in prof.events())
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("gelu", [False, True])
 def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
     torch.manual_seed(0)
@@ -139,6 +155,7 @@ def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
         assert (weights.float() - want).abs().max().item() <= tol
 
 
+@needs_native_bf16
 def test_autocast_casts_once_and_follows_new_weights():
     layer = hieradet.Linear(16, 8).eval()
     x = torch.randn(4, 16)
@@ -158,7 +175,7 @@ def test_autocast_casts_once_and_follows_new_weights():
         assert torch.equal(copy(x).float(), got)
 
 
-def test_onednn_path_is_for_inference_only():
+def test_onednn_path_is_for_inference_only(onednn_fp32):
     layer = hieradet.Linear(16, 8)
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -174,28 +191,60 @@ def test_onednn_path_is_for_inference_only():
             assert frozen.onednn_dtype(x) is None, "no cast can be kept for them"
 
 
-def test_fused_mlp_matches_the_sequential_one(monkeypatch):
+def test_fused_mlp_matches_the_sequential_one(monkeypatch, onednn_fp32):
     torch.manual_seed(0)
     mlp = hieradet.Mlp(32, 128).eval()
     x = torch.randn(2, 5, 5, 32)
     with torch.no_grad():
         fused, fast = _took_onednn(lambda: mlp(x))
-        monkeypatch.setattr(hieradet, "_ONEDNN_LINEAR", False)
+        monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset())
         plain = mlp(x)
     assert fast
     assert (fused - plain).abs().max().item() <= FP32_TOL
     assert list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
-def test_onednn_linear_path_agrees_with_autograd_path(monkeypatch):
+def test_onednn_linear_path_agrees_with_autograd_path(monkeypatch, onednn_fp32):
     """The whole network: no-grad inference (oneDNN Linear) against the ATen path."""
     net = _tiny()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         fast = net(x)
-        monkeypatch.setattr(hieradet, "_ONEDNN_LINEAR", False)
+        monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset())
         plain = net(x)
     assert (fast - plain).abs().max().item() <= FP32_TOL
+
+
+def test_bf16_never_reaches_onednn_without_native_kernels(monkeypatch):
+    """On CPUs without native bf16 (AVX2-only x86) oneDNN refuses bf16 weights: autocast and bf16 weights must
+    take ATen's path there, and still give fp32's answer."""
+    monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset({torch.float32}))
+    torch.manual_seed(0)
+    layer = hieradet.Linear(48, 96).eval()
+    x = torch.randn(3, 10, 48)
+    want = F.gelu(F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.onednn_dtype(x) is None
+            autocast, fast = _took_onednn(lambda: layer(x, gelu=True))
+        assert not fast and autocast.dtype == torch.bfloat16
+        layer.to(torch.bfloat16)
+        assert layer.onednn_dtype(x.bfloat16()) is None
+        weights, fast = _took_onednn(lambda: layer(x.bfloat16(), gelu=True))
+        assert not fast
+    for got in (autocast, weights):
+        assert (got.float() - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item()
+
+
+def test_linear_backend_follows_the_instruction_set():
+    """fp32 goes to oneDNN only with AVX-512 (on AVX2 MKL is faster); bf16 only where oneDNN has native kernels."""
+    dtypes = hieradet.onednn_linear_dtypes()
+    if not ONEDNN_OPS or platform.machine().lower() not in ("x86_64", "amd64"):
+        assert dtypes == frozenset()
+        return
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert (torch.float32 in dtypes) == avx512
+    assert (torch.bfloat16 in dtypes) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_channels_last_input_gives_the_same_outputs():

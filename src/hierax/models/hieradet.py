@@ -90,6 +90,34 @@ def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int,
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
 
 
+def native_half_dtypes() -> frozenset[torch.dtype]:
+    """bf16 and fp16 where this CPU computes them natively (oneDNN's own check: AVX-512, AVX-NE-CONVERT, AMX or
+    Arm's BF16). Elsewhere, as on AVX2-only x86, they are emulated through fp32 at about 1/7 of its speed."""
+    mkldnn = torch.ops.mkldnn
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    return frozenset(dt for dt, check in checks.items() if hasattr(mkldnn, check) and getattr(mkldnn, check)())
+
+
+def onednn_linear_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes in which `Linear` calls oneDNN directly on this CPU, chosen by instruction set as measured:
+    - fp32 with AVX-512 (Zen 5: 2.5x MKL's GEMM, which on AMD CPUs never uses AVX-512); on AVX2-only CPUs MKL
+      is the faster one (Zen 3: oneDNN at 76-95% of it), so ATen's default stays;
+    - bf16 where oneDNN has native bf16 kernels (AVX-512 or AVX-NE-CONVERT); elsewhere it refuses bf16.
+    Only on x86-64; elsewhere (e.g. ARM) ATen's default stays."""
+    mkldnn = torch.ops.mkldnn
+    if not (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and all(hasattr(mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
+    ):
+        return frozenset()
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return frozenset({torch.float32} if avx512 else set()) | (native_half_dtypes() & {torch.bfloat16})
+
+
+_ONEDNN_DTYPES = onednn_linear_dtypes()
+_CPU_NATIVE_HALF = native_half_dtypes()
+
 # Above this many attention scores (batch * heads * queries * keys) the CPU uses the fused kernel, whose memory
 # does not grow with the score matrix.
 _CPU_MATMUL_ATTENTION_MAX = 1 << 26
@@ -98,13 +126,14 @@ _CPU_MATMUL_ATTENTION_MAX = 1 << 26
 def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `attention` takes the two-matmul form rather than the fused kernel.
 
-    Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 the CPU fused kernel
-    is 2-3x slower than two bf16 matmuls and a softmax for this model's shapes (1.13-1.15x per forward pass);
-    in fp32 it is as fast or faster, and on CUDA it is the fast path."""
+    Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 with native kernels
+    the CPU fused kernel is 2-3x slower than two bf16 matmuls and a softmax for this model's shapes (1.13-1.15x
+    per forward pass); where bf16 is emulated (AVX2-only x86) the fused kernel, which accumulates in fp32, is
+    1.4-1.6x faster per forward pass; in fp32 it is as fast or faster, and on CUDA it is the fast path."""
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    return q.device.type == "cpu" and q.dtype != torch.float32 and scores <= _CPU_MATMUL_ATTENTION_MAX
+    return q.device.type == "cpu" and q.dtype in _CPU_NATIVE_HALF and scores <= _CPU_MATMUL_ATTENTION_MAX
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -118,13 +147,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# Measured on x86-64 only; elsewhere (e.g. ARM) ATen's default stays.
-_ONEDNN_LINEAR = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-)
 # Per Linear layer under autocast: {dtype: ((weight pointer, version, dtype, shape), packed cast weight, bias)}.
 # Kept outside the modules so that state dicts, deep copies and pickles never see oneDNN's opaque tensors.
 _CAST_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
@@ -139,17 +161,18 @@ def _autocast_dtype() -> torch.dtype | None:
 class Linear(nn.Linear):
     """nn.Linear with a CPU inference fast path: oneDNN called directly, GELU fusable.
 
-    ATen sends fp32 CPU matmuls to the BLAS (MKL), which on AMD CPUs runs at about 40% of the speed oneDNN
-    reaches (measured 189 vs 495 GFLOP/s on a Zen 5 core pair), making the whole forward pass 1.5-1.8x slower.
-    In bf16 ATen's addmm reaches about 75% of oneDNN's linear, and autocast re-casts the weight on every call
-    (here the cast is kept); a fused GELU saves a pass over the MLP's widest tensor.
-    Inference only (eval mode, no autograd); autocast to bf16 is honoured; training, other dtypes and
-    export/trace/compile take the ordinary path. Same parameters, same state-dict names."""
+    ATen sends fp32 CPU matmuls to the BLAS (MKL), which on AVX-512 AMD CPUs runs at about 40% of the speed
+    oneDNN reaches (measured 189 vs 495 GFLOP/s on a Zen 5 core pair), making the whole forward pass 1.5-1.8x
+    slower. In bf16 ATen's addmm reaches about 75% of oneDNN's linear, and autocast re-casts the weight on every
+    call (here the cast is kept); a fused GELU saves a pass over the MLP's widest tensor. Which dtypes take the
+    path depends on the CPU (`onednn_linear_dtypes`). Inference only (eval mode, no autograd); autocast to bf16
+    is honoured; training, other dtypes and export/trace/compile take the ordinary path. Same parameters, same
+    state-dict names."""
 
     def onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the oneDNN path computes `x` in, or None when the ordinary path must run."""
         if (
-            not _ONEDNN_LINEAR
+            not _ONEDNN_DTYPES
             or x.device.type != "cpu"
             or self.training
             or torch.is_grad_enabled()
@@ -163,8 +186,8 @@ class Linear(nn.Linear):
             weight = self.weight
             # A kept cast is keyed on the weight's version counter, which inference tensors lack.
             castable = weight.is_floating_point() and (weight.dtype == autocast or not weight.is_inference())
-            return autocast if autocast == torch.bfloat16 and castable else None
-        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
+            return autocast if autocast in _ONEDNN_DTYPES and castable else None
+        if x.dtype == self.weight.dtype and x.dtype in _ONEDNN_DTYPES:
             return x.dtype
         return None
 
