@@ -217,7 +217,11 @@ def _set_onnx_metadata(model, meta: dict) -> None:
 
 def _quantize_onnx_graph(src: Path, dst: Path) -> None:
     """ONNX Runtime dynamic int8 quantisation of the MatMuls with constant weights (the Linear layers of the
-    blocks); attention's activation-by-activation MatMuls and the classifier (a Gemm) stay float."""
+    blocks); attention's activation-by-activation MatMuls and the classifier (a Gemm) stay float.
+
+    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only) the u8 x s8 kernels add pairs of
+    products in 16 bits and saturate on 8-bit weights (logit cosine with fp32 0.962 on hieradet_d_small, Zen 3),
+    where 7 bits give 0.9997 and run 1.2x faster. torch's dynamic Linear avoids it likewise (7-bit activations)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -225,7 +229,12 @@ def _quantize_onnx_graph(src: Path, dst: Path) -> None:
     constants = {init.name for init in model.graph.initializer}
     linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_quantize=linear
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=linear,
+        reduce_range=True,
     )
 
 
