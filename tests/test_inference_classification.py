@@ -11,6 +11,7 @@ from sklearn.datasets import load_sample_image
 
 from hierax import classification_transform, get_size_from_signature
 from hierax.errors import ImageDecodeError
+from hierax.inference import classification
 from hierax.inference.classification import infer_batch, infer_image
 from hierax.models import create_model
 from hierax.transforms import DEFAULT_RGB_STATS
@@ -97,6 +98,23 @@ def test_tta_and_batch(net, transform):
     assert np.allclose(single, plain[:1], atol=1e-5)
     bf16, _ = infer_batch(net, x, amp=True)
     assert np.abs(bf16 - plain).max() < 0.05
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_warns_once_where_bf16_is_emulated(monkeypatch, caplog, net, native):
+    """--amp on a CPU without native bf16 (AVX2-only x86) is a 7x slowdown: say so once, and still answer."""
+    monkeypatch.setattr(classification, "native_half_dtypes", lambda: frozenset({torch.bfloat16} if native else ()))
+    classification._warn_emulated_bf16.cache_clear()
+    x = torch.randn(2, 3, 64, 64)
+    plain, _ = infer_batch(net, x)
+    with caplog.at_level("WARNING", logger="hierax"):
+        for _ in range(2):
+            bf16, _ = infer_batch(net, x, amp=True)
+        infer_batch(net, x)
+    warned = [r for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert np.abs(bf16 - plain).max() < 0.05
+    classification._warn_emulated_bf16.cache_clear()
 
 
 def test_undecodable_image(tmp_path, net, transform):

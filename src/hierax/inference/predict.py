@@ -9,7 +9,6 @@ the inputs and writes its own part; rank 0 then merges the parts into one output
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -29,7 +28,7 @@ from hierax.data.sources import expand_sources
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, restrict, top_k
 from hierax.errors import HieraxError
 from hierax.inference import writers
-from hierax.inference.classification import device_and_dtype, infer_batch
+from hierax.inference.classification import bf16_autocast, device_and_dtype, infer_batch
 from hierax.transforms import classification_transform, five_crop_views
 from hierax.weights.files import ModelInfo
 from hierax.weights.load import load_pretrained_model
@@ -155,10 +154,9 @@ def _forward_stages(
     device, dtype = device_and_dtype(net)
     x = x.to(device=device, dtype=dtype)
     views = five_crop_views(x) if tta else [x]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     probs = emb = None
     pooled: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), bf16_autocast(device, amp):
         for view in views:
             maps = net.forward_stages(view)
             e = net.forward_head(maps[-1], pre_logits=True)
