@@ -41,10 +41,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_description() -> str:
+    """Threads, vector instruction set, and the dtypes that run natively: the facts that pick hierax's kernels."""
+
+    def names(dtypes: frozenset) -> str:
+        return ", ".join(sorted(str(dt).removeprefix("torch.") for dt in dtypes)) or "none"
+
+    return (
+        f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()},"
+        f" native half dtypes: {names(hieradet.native_half_dtypes())}, oneDNN Linear: {names(hieradet._ONEDNN_DTYPES)}"
+    )
+
+
 def gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable, float]:
     """A square GEMM (2048 on CPU, 8192 on CUDA) as a contender, and its FLOPs. Timed in the same rounds as the
     models, its best round is the GEMM peak the models are compared with under the same load. It runs through
-    hierax's Linear, so on CPU fp32 it is oneDNN's GEMM (faster than ATen's BLAS default on AMD CPUs)."""
+    hierax's Linear, so it is the GEMM hierax picks for this CPU (oneDNN with AVX-512, ATen's BLAS on AVX2)."""
     n = 8192 if device.type == "cuda" else 2048
     layer = hieradet.Linear(n, n, bias=False).to(device, dtype).eval()
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -201,7 +213,7 @@ def main() -> None:
             profile(args.profile, args.batches[0], dtype, device)
         return
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_description()
     print(f"torch {torch.__version__}, {name}")
     flops = {size: model_flops(create_model("hieradet_d_small", NUM_CLASSES).eval(), size) for size in args.sizes}
     print("model GFLOPs per image: " + ", ".join(f"{s}px {f / 1e9:.2f}" for s, f in flops.items()))
