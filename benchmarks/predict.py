@@ -5,7 +5,8 @@ head, then measures:
 - end to end: `hierax.inference.predict.predict` over the folder (decode + resize in DataLoader workers,
   forward, top-k rows, chunked CSV writer), wall time and images/s;
 - model only: the same images decoded and transformed beforehand, then `infer_batch` over the same batches.
-Prints the ratio and the peak RSS of the main process and of the largest worker.
+Prints the ratio and the peak RSS of the main process and of the largest worker. `--keep-freed-memory` first
+applies `hierax.runtime.keep_freed_memory`, as the `hierax` command does; run it with and without to compare.
 
     python benchmarks/predict.py --images 200 --size 384 --batch-size 8 --workers 2
 """
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="as the hierax command does (glibc)")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        from hierax.runtime import keep_freed_memory
+
+        print(f"keep_freed_memory applied: {keep_freed_memory()}")
 
     from hierax.data.images import decode_image
     from hierax.inference.classification import infer_batch

@@ -10,6 +10,7 @@ import pkgutil
 import sys
 
 from hierax.errors import HieraxError
+from hierax.runtime import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # the command owns its process: reuse freed pages across forward passes
     try:
         return int(args.run(args) or 0)
     except HieraxError as err:
