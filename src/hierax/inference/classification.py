@@ -30,14 +30,14 @@ def device_and_dtype(net) -> tuple[torch.device, torch.dtype]:
 @functools.cache
 def _warn_emulated_bf16() -> None:
     logger.warning(
-        "this CPU has no native bfloat16 (AVX2 only): --amp emulates it through float32 and runs about 7x slower"
-        " here; leave amp off, or use an int8 export (hierax export --quantize int8) for speed"
+        "this CPU has no native bfloat16 kernels: amp (--amp) emulates it through float32 and runs about 8x slower"
+        " here; leave amp off, or for speed use an int8 export (hierax export --quantize int8)"
     )
 
 
 def bf16_autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on `device` when `amp`, else a no-op. On a CPU that only emulates bf16 it warns once: the
-    user asked for speed and would get a 7x slowdown (hieradet_d_small at 384 px, Zen 3: 0.40 against 2.79 img/s)."""
+    user asked for speed and would get an 8x slowdown (hieradet_d_small at 384 px, Zen 3: 0.40 against 3.1 img/s)."""
     if not amp:
         return contextlib.nullcontext()
     if device.type == "cpu" and torch.bfloat16 not in native_half_dtypes():

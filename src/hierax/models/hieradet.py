@@ -92,7 +92,7 @@ def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int,
 
 def native_half_dtypes() -> frozenset[torch.dtype]:
     """bf16 and fp16 where this CPU computes them natively (oneDNN's own check: AVX-512, AVX-NE-CONVERT, AMX or
-    Arm's BF16). Elsewhere, as on AVX2-only x86, they are emulated through fp32 at about 1/7 of its speed."""
+    Arm's BF16). Elsewhere, as on AVX2-only x86, they are emulated through fp32 at about 1/8 of its speed."""
     mkldnn = torch.ops.mkldnn
     checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
     return frozenset(dt for dt, check in checks.items() if hasattr(mkldnn, check) and getattr(mkldnn, check)())
