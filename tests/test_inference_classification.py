@@ -102,7 +102,7 @@ def test_tta_and_batch(net, transform):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_warns_once_where_bf16_is_emulated(monkeypatch, caplog, net, native):
-    """--amp on a CPU without native bf16 (AVX2-only x86) is a 7x slowdown: say so once, and still answer."""
+    """--amp on a CPU without native bf16 (AVX2-only x86) is an 8x slowdown: say so once, and still answer."""
     monkeypatch.setattr(classification, "native_half_dtypes", lambda: frozenset({torch.bfloat16} if native else ()))
     classification._warn_emulated_bf16.cache_clear()
     x = torch.randn(2, 3, 64, 64)
