@@ -3,7 +3,6 @@ own malloc tuning is left alone. The allocation cases run in child processes: th
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,9 +11,7 @@ import pytest
 from hierax import runtime
 from hierax.cli import main
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
-)
+pytestmark = pytest.mark.skipif(not runtime.has_glibc_malloc(), reason="glibc's malloc only")
 
 # Allocate and fill a 64 MiB tensor (above glibc's largest adaptive mmap threshold, 32 MiB), free it, and count
 # the page faults of each of six more rounds.

@@ -17,6 +17,11 @@ _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = 2**31 - 1
 
 
+def has_glibc_malloc() -> bool:
+    """Whether this process allocates through glibc's malloc (Linux with glibc), whose mallopt we can call."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _user_tuned_malloc() -> bool:
     """Whether the user already chose how malloc behaves (HIERAX_KEEP_FREED_MEMORY=0, glibc tunables, MALLOC_*_
     variables, a preloaded allocator such as jemalloc or tcmalloc): then their choice stands."""
@@ -40,7 +45,7 @@ def keep_freed_memory() -> bool:
     (none at batch 1, which faults little anyway); the price is peak memory, 12% higher at 384 px batch 8 and
     27% at batch 16, held rather than returned. Returns whether it was applied: glibc (Linux) only, and not where
     the user tuned malloc already or set HIERAX_KEEP_FREED_MEMORY=0."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _user_tuned_malloc():
+    if not has_glibc_malloc() or _user_tuned_malloc():
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the running process's own glibc
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
