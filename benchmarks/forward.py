@@ -133,13 +133,15 @@ def contenders(args, size: int, dtype: str, device: torch.device) -> dict[str, C
     if amp:
         bf16 = create_model("hieradet_d_small", NUM_CLASSES).eval().to(device, torch.bfloat16)
         bf16.load_state_dict(net.state_dict())
-        out["hierax-bf16w"] = lambda x, f=run(bf16, autocast=False): f(x.bfloat16())
+        bf16_run = run(bf16, autocast=False)
+        out["hierax-bf16w"] = lambda x: bf16_run(x.bfloat16())
     if args.compile:
         # On CPU, inductor's freezing makes the weights constants: prepacked oneDNN GEMMs with fused epilogues.
         torch._inductor.config.freezing = device.type == "cpu"
         out["hierax-compile"] = run(torch.compile(net))
         if amp:
-            out["hierax-bf16w-c"] = lambda x, f=run(torch.compile(bf16), autocast=False): f(x.bfloat16())
+            bf16_compiled = run(torch.compile(bf16), autocast=False)
+            out["hierax-bf16w-c"] = lambda x: bf16_compiled(x.bfloat16())
     for name, ref in refs.items():
         out[name] = run(ref.eval().to(device))
     return out

@@ -90,13 +90,17 @@ def main() -> None:
                 for name, batch in inputs.items():
                     out = int8(batch)
                     top1 = (out.argmax(1) == reference[name].argmax(1)).float().mean().item()
-                    top5 = np.mean([
-                        len(set(a.tolist()) & set(b.tolist())) / 5
-                        for a, b in zip(out.topk(5).indices, reference[name].topk(5).indices)
-                    ])
+                    top5 = np.mean(
+                        [
+                            len(set(a.tolist()) & set(b.tolist())) / 5
+                            for a, b in zip(out.topk(5).indices, reference[name].topk(5).indices)
+                        ]
+                    )
                     cos = torch.nn.functional.cosine_similarity(out, reference[name]).mean().item()
-                    print(f"  {name:>9} ({len(batch)} images): top-1 agreement {top1:.1%}, top-5 overlap {top5:.1%},"
-                          f" logit cosine {cos:.4f}")
+                    print(
+                        f"  {name:>9} ({len(batch)} images): top-1 agreement {top1:.1%}, top-5 overlap {top5:.1%},"
+                        f" logit cosine {cos:.4f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     names = {f"{i:05d}_Animalia_Chordata_Aves_Order_Family_Genus{i // 3}_sp{i}": i for i in range(args.num_classes)}
     info = ModelInfo.create(args.network, names, args.size)
     transform = classification_transform(info.size, info.rgb_stats)
-    print(f"{args.network} ({args.num_classes} classes) at {args.size}, batch {args.batch_size}, "
-          f"{args.workers} workers, {args.images} JPEGs of {args.long_side} px, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.network} ({args.num_classes} classes) at {args.size}, batch {args.batch_size}, "
+        f"{args.workers} workers, {args.images} JPEGs of {args.long_side} px, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
@@ -98,15 +100,24 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu0 = cpu_seconds()
         start = time.perf_counter()
-        summary = predict([folder], (net, info), output=Path(tmp) / "out.csv", batch_size=args.batch_size,
-                          workers=args.workers, amp=args.amp, progress=False)
+        summary = predict(
+            [folder],
+            (net, info),
+            output=Path(tmp) / "out.csv",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            amp=args.amp,
+            progress=False,
+        )
         e2e_wall = time.perf_counter() - start
         cpu1 = cpu_seconds()
         own_rss, worker_rss = peak_rss_mb()
         assert summary.succeeded == args.images, summary.line()
 
-        batches = [torch.stack([transform(decode_image(p)) for p in paths[i : i + args.batch_size]])
-                   for i in range(0, len(paths), args.batch_size)]
+        batches = [
+            torch.stack([transform(decode_image(p)) for p in paths[i : i + args.batch_size]])
+            for i in range(0, len(paths), args.batch_size)
+        ]
         cpu2 = cpu_seconds()
         start = time.perf_counter()
         for batch in batches:
@@ -119,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model only : {model_rate:7.2f} images/s  ({model_wall:.1f} s)")
     print(f"ratio      : {e2e_rate / model_rate:.3f} (goal >= 0.95)")
     main_cpu, worker_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-    print(f"CPU time   : end to end {(main_cpu + worker_cpu) / args.images:.3f} s/image (main {main_cpu:.1f} s + "
-          f"workers {worker_cpu:.1f} s), model only {model_cpu / args.images:.3f} s/image; "
-          f"ratio {model_cpu / (main_cpu + worker_cpu):.3f} (independent of other load on the machine)")
+    print(
+        f"CPU time   : end to end {(main_cpu + worker_cpu) / args.images:.3f} s/image (main {main_cpu:.1f} s + "
+        f"workers {worker_cpu:.1f} s), model only {model_cpu / args.images:.3f} s/image; "
+        f"ratio {model_cpu / (main_cpu + worker_cpu):.3f} (independent of other load on the machine)"
+    )
     print(f"peak RSS   : main {own_rss:.0f} MiB during predict, largest worker {worker_rss:.0f} MiB")
     return 0
 

@@ -51,8 +51,10 @@ def make_checkpoint(folder: Path, network: str, size: int, classes: int, tiny: b
     config = {"depths": [1, 1, 1, 1], "embed_dim": 16} if tiny else {}
     torch.manual_seed(0)
     net = create_model(network, classes, **config)
-    names = {f"{i:05d}_Animalia_Chordata_Aves_Order{i % 7}_Family{i % 31}_Genus{i % 97}_species{i}": i
-             for i in range(classes)}
+    names = {
+        f"{i:05d}_Animalia_Chordata_Aves_Order{i % 7}_Family{i % 31}_Genus{i % 97}_species{i}": i
+        for i in range(classes)
+    }
     return write_checkpoint(folder / "bench.safetensors", net, ModelInfo.create(network, names, size, config=config))
 
 
@@ -62,11 +64,26 @@ class Server:
     def __init__(self, model: str, max_batch: int, device: str, max_wait_ms: float) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "hierax", "serve", "--model", model, "--port", str(self.port), "--max-batch",
-               str(max_batch), "--max-wait-ms", str(max_wait_ms), "--device", device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hierax",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--device",
+            device,
+        ]
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log,
-                                     env={**os.environ, "HIERAX_OFFLINE": "1"})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, "HIERAX_OFFLINE": "1"}
+        )
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -127,10 +144,17 @@ async def drive(url: str, good: bytes, bad: bytes | None, requests: int, concurr
     lat = np.array(latencies) * 1000
     stages = {stage: np.array([t[stage] for t in server_side]) for stage in ("upload", "decode", "infer")}
     in_server = sum(stages.values())
-    return {"requests": requests, "wall": wall, "throughput": requests / wall, "errors": errors,
-            "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-            "server_p50": float(np.percentile(in_server, 50)), "server_p95": float(np.percentile(in_server, 95)),
-            "stage_p50": {k: float(np.percentile(v, 50)) for k, v in stages.items()}}
+    return {
+        "requests": requests,
+        "wall": wall,
+        "throughput": requests / wall,
+        "errors": errors,
+        "p50": float(np.percentile(lat, 50)),
+        "p95": float(np.percentile(lat, 95)),
+        "server_p50": float(np.percentile(in_server, 50)),
+        "server_p95": float(np.percentile(in_server, 95)),
+        "stage_p50": {k: float(np.percentile(v, 50)) for k, v in stages.items()},
+    }
 
 
 def main() -> int:
@@ -158,8 +182,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = args.network.startswith("hieradet_d_tiny") and not args.full_depth
         model = args.model or str(make_checkpoint(Path(tmp), args.network, args.size, args.classes, tiny))
-        print(f"model {args.model or f'{args.network} (random, {args.size}px, {args.classes} classes)'} "
-              f"on {args.device}; {os.cpu_count()} CPUs")
+        print(
+            f"model {args.model or f'{args.network} (random, {args.size}px, {args.classes} classes)'} "
+            f"on {args.device}; {os.cpu_count()} CPUs"
+        )
 
         server = Server(model, args.max_batch, args.device, args.max_wait_ms)
         try:
@@ -175,21 +201,31 @@ def main() -> int:
             health = httpx.get(f"{server.url}/healthz").json()
         finally:
             server.stop()
-        print(f"\nload: {args.concurrency} clients, {load['requests']} requests (10% truncated JPEGs -> 422), "
-              f"max-batch {args.max_batch}")
+        print(
+            f"\nload: {args.concurrency} clients, {load['requests']} requests (10% truncated JPEGs -> 422), "
+            f"max-batch {args.max_batch}"
+        )
         print(f"  unexpected answers: {len(load['errors'])}")
         for err in load["errors"][:5]:
             print(f"    {err}")
-        print(f"  latency p50 {load['p50']:.1f} ms, p95 {load['p95']:.1f} ms; "
-              f"throughput {load['throughput']:.1f} req/s")
+        print(
+            f"  latency p50 {load['p50']:.1f} ms, p95 {load['p95']:.1f} ms; throughput {load['throughput']:.1f} req/s"
+        )
         stages = ", ".join(f"{k} {v:.1f}" for k, v in load["stage_p50"].items())
-        print(f"  inside the server (Server-Timing): p50 {load['server_p50']:.1f} ms, p95 {load['server_p95']:.1f} ms; "
-              f"stage p50s: {stages} ms")
-        print(f"  server RSS before {before:.1f} MiB, after {after:.1f} MiB ({after - before:+.1f} MiB); "
-              f"mean batch {health['mean_batch']:.2f} over {health['batches']} batches")
+        print(
+            f"  inside the server (Server-Timing): p50 {load['server_p50']:.1f} ms, p95 {load['server_p95']:.1f} ms; "
+            f"stage p50s: {stages} ms"
+        )
+        print(
+            f"  server RSS before {before:.1f} MiB, after {after:.1f} MiB ({after - before:+.1f} MiB); "
+            f"mean batch {health['mean_batch']:.2f} over {health['batches']} batches"
+        )
         if args.extra_rounds:
-            print(f"  RSS after each further round of {args.requests}: "
-                  + ", ".join(f"{r:.1f}" for r in rounds[1:]) + " MiB (flat = no leak)")
+            print(
+                f"  RSS after each further round of {args.requests}: "
+                + ", ".join(f"{r:.1f}" for r in rounds[1:])
+                + " MiB (flat = no leak)"
+            )
 
         levels = [int(v) for v in args.levels.split(",")]
         table: dict[tuple[int, int], dict] = {}
@@ -206,8 +242,12 @@ def main() -> int:
         print(f"  {'clients':>8} " + " ".join(f"{f'max-batch {b}':>22}" for b in sorted({1, args.max_batch})))
         for level in levels:
             cells = [table[b, level] for b in sorted({1, args.max_batch})]
-            print(f"  {level:>8} " + " ".join(
-                f"{c['throughput']:>9.1f} ({c['throughput'] / baseline:4.2f}x) p95 {c['p95']:5.0f}" for c in cells))
+            print(
+                f"  {level:>8} "
+                + " ".join(
+                    f"{c['throughput']:>9.1f} ({c['throughput'] / baseline:4.2f}x) p95 {c['p95']:5.0f}" for c in cells
+                )
+            )
         failures = len(load["errors"]) + sum(len(c["errors"]) for c in table.values())
     return 1 if failures else 0
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hierax.data.datasets import load_labelled
 from hierax.models import create_model
 from hierax.training.engine import Engine, TrainConfig, init_distributed, seed_everything
 from hierax.training.supervised import FineTuneConfig, SupervisedStage
-from hierax.data.datasets import load_labelled
 
 NUM_CLASSES = 10
 
@@ -79,7 +79,7 @@ def make_photos(root: Path, count: int, size: int) -> None:
         folder = root / f"class_{i % NUM_CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
         y, x = rng.integers(0, source.shape[0] - 256), rng.integers(0, source.shape[1] - 256)
-        crop = source[y:y + 256, x:x + 256].astype(np.float32) * rng.uniform(0.7, 1.2, 3)
+        crop = source[y : y + 256, x : x + 256].astype(np.float32) * rng.uniform(0.7, 1.2, 3)
         image = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize((size * 5 // 4, size * 5 // 4))
         image.save(folder / f"{i:05d}.jpg", quality=90)
 
@@ -91,16 +91,25 @@ def pipeline(args: argparse.Namespace, dist, amp: bool, workdir: Path) -> tuple[
     data_dir = workdir / "data"
     make_photos(data_dir, total * args.batch_size, args.size)
     train = load_labelled(data_dir)
-    options = FineTuneConfig(data=str(data_dir), network="hieradet_d_small", size=(args.size, args.size),
-                             mix_prob=1.0)
-    config = TrainConfig(output_dir=workdir / "run", epochs=1, batch_size=args.batch_size, lr=1e-4,
-                         num_workers=args.workers, log_every=args.warmup, amp=amp, device=args.device)
+    options = FineTuneConfig(data=str(data_dir), network="hieradet_d_small", size=(args.size, args.size), mix_prob=1.0)
+    config = TrainConfig(
+        output_dir=workdir / "run",
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-4,
+        num_workers=args.workers,
+        log_every=args.warmup,
+        amp=amp,
+        device=args.device,
+    )
     seed_everything(0)
     stage = SupervisedStage(options, train, None, config.epochs)
     history = Engine(stage, config, dist).fit()
     timed = [r for r in history if r["split"] == "train" and r["step"] > args.warmup]
-    seconds = sum((r["step"] - p["step"]) * args.batch_size / r["images_per_s"]
-                  for p, r in zip([{"step": args.warmup}, *timed], timed))
+    seconds = sum(
+        (r["step"] - p["step"]) * args.batch_size / r["images_per_s"]
+        for p, r in zip([{"step": args.warmup}, *timed], timed)
+    )
     return args.steps * args.batch_size / seconds, peak_memory_mib(dist.device)
 
 
@@ -119,8 +128,10 @@ def main() -> None:
     base_rate, base_mem = baseline(args, dist.device, amp)
     with tempfile.TemporaryDirectory() as tmp:
         pipe_rate, pipe_mem = pipeline(args, dist, amp, Path(tmp))
-    print(f"device {dist.device}, hieradet_d_small at {args.size}, batch {args.batch_size}, bf16 autocast {amp}, "
-          f"{args.steps} timed steps after {args.warmup}")
+    print(
+        f"device {dist.device}, hieradet_d_small at {args.size}, batch {args.batch_size}, bf16 autocast {amp}, "
+        f"{args.steps} timed steps after {args.warmup}"
+    )
     print(f"baseline loop : {base_rate:8.1f} images/s, peak memory {base_mem:8.0f} MiB")
     print(f"hierax train  : {pipe_rate:8.1f} images/s, peak memory {pipe_mem:8.0f} MiB")
     print(f"ratio (pipeline / baseline): speed {pipe_rate / base_rate:.2f}x, memory {pipe_mem / base_mem:.2f}x")

@@ -69,7 +69,7 @@ class FileServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 name = self.path.lstrip("/")
                 server.hits[name] = server.hits.get(name, 0) + 1
                 if name not in server.files:

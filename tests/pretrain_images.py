@@ -17,8 +17,13 @@ def _photos() -> list[np.ndarray]:
     from skimage import data
     from sklearn.datasets import load_sample_image
 
-    return [data.chelsea(), data.coffee(), data.astronaut(), load_sample_image("flower.jpg"),
-            load_sample_image("china.jpg")]
+    return [
+        data.chelsea(),
+        data.coffee(),
+        data.astronaut(),
+        load_sample_image("flower.jpg"),
+        load_sample_image("china.jpg"),
+    ]
 
 
 def texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -23,8 +23,16 @@ CLASS_NAMES = [
     "00006_Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae_Quercus_rubra",
     "00007_Fungi_Basidiomycota_Agaricomycetes_Agaricales_Amanitaceae_Amanita_muscaria",
 ]
-COMMON_NAMES = {0: "Domestic Cat", 1: "Bobcat", 2: "Lion", 3: "Coyote", 4: "Common Raven", 5: "White Oak",
-                6: "Northern Red Oak", 7: "Fly Agaric"}
+COMMON_NAMES = {
+    0: "Domestic Cat",
+    1: "Bobcat",
+    2: "Lion",
+    3: "Coyote",
+    4: "Common Raven",
+    5: "White Oak",
+    6: "Northern Red Oak",
+    7: "Fly Agaric",
+}
 TINY_CONFIG = {"depths": [1, 1, 1, 1], "embed_dim": 16}
 
 

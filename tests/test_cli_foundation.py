@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-
 from hierax.cli.models import models_table
 from hierax.models import create_model
 from hierax.weights.files import ModelInfo, write_checkpoint

@@ -3,14 +3,18 @@
 import pytest
 import torch
 
-from hierax.models import create_model, list_networks
 from hierax.errors import ModelNotFoundError
+from hierax.models import create_model, list_networks
 from tests.conftest import DATA, TINY
 
 
 def test_state_dict_matches_reference_listing():
     net = create_model("hieradet_d_small", 10000)
-    lines = [line.split("\t") for line in (DATA / "hieradet_small_state_dict.txt").read_text().splitlines() if not line.startswith("#")]
+    lines = [
+        line.split("\t")
+        for line in (DATA / "hieradet_small_state_dict.txt").read_text().splitlines()
+        if not line.startswith("#")
+    ]
     expected = {name: tuple(int(x) for x in shape.strip("()").split(",") if x.strip()) for name, shape in lines}
     got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert got == expected

@@ -67,7 +67,9 @@ def test_real_photos_path_pil_array_agree(tmp_path, net, transform, photo):
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
 def test_every_mode_becomes_rgb(net, transform, mode):
     img = Image.fromarray(data.chelsea())
-    converted = img.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+    converted = (
+        img.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    )
     probs, _ = infer_image(net, converted, transform)
     assert probs.shape == (1, 6) and np.isfinite(probs).all()
 

@@ -13,8 +13,15 @@ from hierax.inference import writers
 from hierax.inference.classification import infer_image
 from hierax.inference.predict import embed, predict, resolve_model
 from hierax.transforms import classification_transform
-from tests.data_fixtures import CLASS_NAMES, COMMON_NAMES, FORMATS, make_checkpoint, make_inat_dataset
-from tests.data_fixtures import write_bad_files, write_image
+from tests.data_fixtures import (
+    CLASS_NAMES,
+    COMMON_NAMES,
+    FORMATS,
+    make_checkpoint,
+    make_inat_dataset,
+    write_bad_files,
+    write_image,
+)
 
 SIZE = 64
 
@@ -32,8 +39,12 @@ def photos(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("photos")
     paths = [str(write_image(root / f"gen_{ext}.{ext}", seed=i, size=(60, 44))) for i, ext in enumerate(FORMATS)]
-    for name, array in [("chelsea", skdata.chelsea()), ("coffee", skdata.coffee()),
-                        ("astronaut", skdata.astronaut()), ("flower", load_sample_image("flower.jpg"))]:
+    for name, array in [
+        ("chelsea", skdata.chelsea()),
+        ("coffee", skdata.coffee()),
+        ("astronaut", skdata.astronaut()),
+        ("flower", load_sample_image("flower.jpg")),
+    ]:
         path = root / "real" / f"{name}.jpg"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(array).save(path, quality=90)
@@ -51,8 +62,9 @@ def test_corrupt_files_mixed_with_good(tmp_path, checkpoint, photos):
     bad = write_bad_files(tmp_path / "bad")
     bad_paths = list(bad)
     sources = [photos[0], bad_paths[0], *photos[1:4], *bad_paths[1:], *photos[4:]]
-    summary = predict(sources, checkpoint, output=tmp_path / "out.csv", top_k=3, batch_size=3, workers=2,
-                      progress=False)
+    summary = predict(
+        sources, checkpoint, output=tmp_path / "out.csv", top_k=3, batch_size=3, workers=2, progress=False
+    )
     assert (summary.total, summary.succeeded, summary.failed) == (len(sources), len(photos), len(bad))
     rows = writers.read_rows(tmp_path / "out.csv")
     assert [r["path"] for r in rows] == photos
@@ -74,8 +86,15 @@ def test_corrupt_files_mixed_with_good(tmp_path, checkpoint, photos):
 
 def test_in_memory_rows_common_names_rollup_species_list(tmp_path, checkpoint, photos):
     json_path = make_inat_dataset(tmp_path, per_class=1)
-    summary = predict(photos[:3], checkpoint, common_names=json_path, rollup=True, species_list=["Corvus corax",
-                      "Corvus corone"], workers=0, progress=False)
+    summary = predict(
+        photos[:3],
+        checkpoint,
+        common_names=json_path,
+        rollup=True,
+        species_list=["Corvus corax", "Corvus corone"],
+        workers=0,
+        progress=False,
+    )
     assert summary.output is None and len(summary.rows) == 3
     for row in summary.rows:
         assert {row["label_1"], row["label_2"]} == set(CLASS_NAMES[:2]) and row["prob_3"] == 0.0
@@ -117,8 +136,9 @@ def test_jsonl_output_and_size_override(tmp_path, checkpoint, photos):
 def test_embed_parquet_and_npy_with_features(tmp_path, checkpoint, photos):
     bad = write_bad_files(tmp_path / "bad")
     sources = [*photos[:3], *bad]
-    summary = embed(sources, checkpoint, output=tmp_path / "emb.parquet", features=["stage1", "stage4"],
-                    workers=1, progress=False)
+    summary = embed(
+        sources, checkpoint, output=tmp_path / "emb.parquet", features=["stage1", "stage4"], workers=1, progress=False
+    )
     assert (summary.succeeded, summary.failed) == (3, len(bad))
     rows = writers.read_rows(tmp_path / "emb.parquet")
     net_info = resolve_model(checkpoint)

@@ -48,8 +48,24 @@ def test_backends_match_torch(setup, hierax_home, backend):
 def test_backend_cli_and_mismatch(setup, tmp_path, hierax_home):
     ckpt, photos = setup
     out = tmp_path / "preds.csv"
-    assert main(["predict", str(photos), "--model", str(ckpt), "--backend", "onnxruntime", "-o", str(out),
-                 "--workers", "0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(photos),
+                "--model",
+                str(ckpt),
+                "--backend",
+                "onnxruntime",
+                "-o",
+                str(out),
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 4
     runner, _ = load_with_backend(ckpt, "onnxruntime")
     onnx_file = next((hierax_home / "exports").glob("*.onnx"))

@@ -17,8 +17,9 @@ from tests.data_fixtures import CLASS_NAMES, make_checkpoint, make_inat_dataset,
 
 def hierax(*args, cwd=None, module=("-m", "hierax")) -> subprocess.CompletedProcess:
     env = {**os.environ, "HIERAX_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *module, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, *module, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,26 @@ def test_predict_and_embed_cli(setup, capsys):
     listing = root / "list.txt"
     listing.write_text(f"{extra}\n")
     out = root / "pred.csv"
-    result = hierax("predict", root / "ds" / "val", root / "bad" / "*.*", listing, "--model", checkpoint,
-                    "--output", out, "--top-k", "2", "--rollup", "--thresholds", "species=0.9,genus=0.5",
-                    "--common-names", json_path, "--workers", "1", "--quiet")
+    result = hierax(
+        "predict",
+        root / "ds" / "val",
+        root / "bad" / "*.*",
+        listing,
+        "--model",
+        checkpoint,
+        "--output",
+        out,
+        "--top-k",
+        "2",
+        "--rollup",
+        "--thresholds",
+        "species=0.9,genus=0.5",
+        "--common-names",
+        json_path,
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert "8 ok" not in result.stderr and f"9 ok, {len(bad)} failed of 14 images" in result.stderr
     rows = writers.read_rows(out)
@@ -54,8 +72,21 @@ def test_predict_and_embed_cli(setup, capsys):
         return code, captured.out, captured.err
 
     common = ["--model", checkpoint, "--workers", "0", "--quiet"]
-    code, _, err = cli("predict", root / "ds" / "val", *common, "--output", out, "--resume", "--top-k", "2",
-                       "--rollup", "--thresholds", "species=0.9,genus=0.5", "--common-names", json_path)
+    code, _, err = cli(
+        "predict",
+        root / "ds" / "val",
+        *common,
+        "--output",
+        out,
+        "--resume",
+        "--top-k",
+        "2",
+        "--rollup",
+        "--thresholds",
+        "species=0.9,genus=0.5",
+        "--common-names",
+        json_path,
+    )
     assert code == 0 and "8 skipped" in err, err
     code, _, err = cli("predict", extra, *common, "--species-list", listing)
     assert code == 1 and "species list" in err
@@ -85,8 +116,22 @@ def test_torchrun_two_cpu_processes_merge_in_input_order(setup):
     root, _, bad, checkpoint = setup
     sources = [root / "ds" / "val", *sorted(bad)]
     out = root / "ddp.parquet"
-    result = hierax("--nproc-per-node", "2", "-m", "hierax", "predict", *sources, "--model", checkpoint,
-                    "--output", out, "--workers", "0", "--quiet", module=("-m", "torch.distributed.run"))
+    result = hierax(
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "hierax",
+        "predict",
+        *sources,
+        "--model",
+        checkpoint,
+        "--output",
+        out,
+        "--workers",
+        "0",
+        "--quiet",
+        module=("-m", "torch.distributed.run"),
+    )
     assert result.returncode == 0, result.stderr
     assert f"8 ok, {len(bad)} failed of 13 images" in result.stderr
     single = predict([str(s) for s in sources], checkpoint, workers=0, progress=False)

@@ -36,7 +36,7 @@ def test_half_written_line_is_cut_on_resume(tmp_path, suffix):
     with writers.open_writer(out, COLUMNS) as writer:
         writer.write(rows(0, 2))
     with open(out, "a") as fh:
-        fh.write('img9.jpg,x,0.' if suffix == ".csv" else '{"path": "img9')
+        fh.write("img9.jpg,x,0." if suffix == ".csv" else '{"path": "img9')
     with writers.open_writer(out, COLUMNS, resume=True) as writer:
         writer.write(rows(2, 3))
     assert [r["path"] for r in writers.read_rows(out)] == ["img0.jpg", "img1.jpg", "img2.jpg"]
@@ -51,14 +51,17 @@ def test_resume_with_other_columns_refused(tmp_path):
 
 
 def test_npy_roundtrip_and_merge_in_order(tmp_path):
-    emb_rows = [{"path": f"p{i}", "embedding": np.full(4, i, np.float32), "stage1": np.full(2, -i, np.float32)}
-                for i in range(4)]
+    emb_rows = [
+        {"path": f"p{i}", "embedding": np.full(4, i, np.float32), "stage1": np.full(2, -i, np.float32)}
+        for i in range(4)
+    ]
     shard_a, shard_b, out = tmp_path / "e-rank0.npy", tmp_path / "e-rank1.npy", tmp_path / "e.npy"
     for shard, part in ((shard_a, emb_rows[0::2]), (shard_b, emb_rows[1::2])):
         with writers.open_writer(shard, ["path", "embedding", "stage1"], chunk_size=1) as writer:
             writer.write(part)
-    writers.merge_outputs([shard_a, shard_b], out, ["path", "embedding", "stage1"], ["p0", "p1", "p2", "p3"],
-                          resume=False)
+    writers.merge_outputs(
+        [shard_a, shard_b], out, ["path", "embedding", "stage1"], ["p0", "p1", "p2", "p3"], resume=False
+    )
     np.testing.assert_array_equal(np.load(out)[:, 0], [0, 1, 2, 3])
     np.testing.assert_array_equal(np.load(tmp_path / "e.stage1.npy")[:, 0], [0, -1, -2, -3])
     assert writers.done_paths(out) == {"p0", "p1", "p2", "p3"}

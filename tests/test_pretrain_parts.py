@@ -31,7 +31,6 @@ from hierax.training.dino_losses import (
 from hierax.training.dino_monitor import CollapseMonitor, feature_spread, knn_top1
 from hierax.training.dino_v2 import DinoConfig, DinoSchedule, build_student
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -176,8 +175,12 @@ def test_multicrop_gives_normalised_crops_reproducible_under_a_seed():
 
 def test_collate_multicrop_is_crop_major_and_reports_failures():
     def sample(i, error=None):
-        crops = None if error else [torch.full((3, 4, 4), float(10 * i + c)) for c in range(2)] + [
-            torch.full((3, 2, 2), float(10 * i + c)) for c in range(2, 4)]
+        crops = (
+            None
+            if error
+            else [torch.full((3, 4, 4), float(10 * i + c)) for c in range(2)]
+            + [torch.full((3, 2, 2), float(10 * i + c)) for c in range(2, 4)]
+        )
         return {"index": i, "path": f"p{i}", "image": crops, "label": -1, "error": error}
 
     batch = collate_multicrop([sample(0), sample(1, "truncated"), sample(2)])

@@ -80,8 +80,21 @@ def random_init_scores(probes: dict, seed: int = 0) -> dict[str, float]:
 
 
 def run(data: Path, out: Path, epochs: int, **options) -> list[dict]:
-    return pretrain(data, NETWORK, out, size=64, local_size=32, local_crops=2, epochs=epochs, batch_size=16,
-                    config=tiny_config(), network_config=TINY, num_workers=0, seed=0, **options)
+    return pretrain(
+        data,
+        NETWORK,
+        out,
+        size=64,
+        local_size=32,
+        local_crops=2,
+        epochs=epochs,
+        batch_size=16,
+        config=tiny_config(),
+        network_config=TINY,
+        num_workers=0,
+        seed=0,
+        **options,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +144,21 @@ def test_a_linear_probe_on_the_backbone_beats_random_init(pretrained, tmp_path):
     train, val = write("train", 8, 21), write("val", 16, 22)
     top1 = {}
     for name, init in (("random", None), ("pretrained", str(pretrained[0] / "model.pt"))):
-        options = FineTuneConfig(data=str(train), val=str(val), network=NETWORK, init_from=init, size=(64, 64),
-                                 model_config=dict(TINY), augment="none", min_crop=0.5, mix_prob=0.0, linear_probe=True)
-        config = TrainConfig(output_dir=tmp_path / name, epochs=10, batch_size=10, lr=2e-3, num_workers=0,
-                             log_every=100)
+        options = FineTuneConfig(
+            data=str(train),
+            val=str(val),
+            network=NETWORK,
+            init_from=init,
+            size=(64, 64),
+            model_config=dict(TINY),
+            augment="none",
+            min_crop=0.5,
+            mix_prob=0.0,
+            linear_probe=True,
+        )
+        config = TrainConfig(
+            output_dir=tmp_path / name, epochs=10, batch_size=10, lr=2e-3, num_workers=0, log_every=100
+        )
         torch.manual_seed(0)  # the same classifier init and data order for both
         top1[name] = [r["top1"] for r in train_classifier(options, config).history if r["split"] == "val"][-1]
     print(f"linear-probe val top-1 after 40 steps: {top1}")
@@ -149,8 +173,20 @@ def test_a_three_epoch_run_does_not_hurt_the_features(unlabelled, probes, tmp_pa
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     config = tiny_config()
     config.knn_path = str(tmp_path / "knn")
-    history = pretrain(unlabelled, NETWORK, tmp_path / "short", size=64, local_size=32, local_crops=2, epochs=3,
-                       batch_size=16, config=config, network_config=TINY, num_workers=0, seed=0)
+    history = pretrain(
+        unlabelled,
+        NETWORK,
+        tmp_path / "short",
+        size=64,
+        local_size=32,
+        local_crops=2,
+        epochs=3,
+        batch_size=16,
+        config=config,
+        network_config=TINY,
+        num_workers=0,
+        seed=0,
+    )
     probed = [r for r in history if r["split"] == "val"]
     assert [r["epoch"] for r in probed] == [1, 2, 3]
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in probed)
@@ -163,11 +199,43 @@ def test_a_three_epoch_run_does_not_hurt_the_features(unlabelled, probes, tmp_pa
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "hierax", "pretrain", "--data", str(data), "--network", NETWORK,
-        "--model-config", json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16}), "--size", "64", "--local-size", "32",
-        "--local-crops", "2", "--epochs", "3", "--batch-size", "8", "--prototypes", "64", "--head-hidden", "32",
-        "--head-bottleneck", "16", "--workers", "0", "--checkpoint-every", "2", "--log-every", "2",
-        "--output-dir", str(out), "--device", "cpu", *extra,
+        sys.executable,
+        "-m",
+        "hierax",
+        "pretrain",
+        "--data",
+        str(data),
+        "--network",
+        NETWORK,
+        "--model-config",
+        json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16}),
+        "--size",
+        "64",
+        "--local-size",
+        "32",
+        "--local-crops",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--prototypes",
+        "64",
+        "--head-hidden",
+        "32",
+        "--head-bottleneck",
+        "16",
+        "--workers",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "2",
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
     ]
 
 
@@ -192,8 +260,9 @@ def test_cli_resume_after_sigkill_is_exact(tmp_path):
     proc.wait()
     step = torch.load(state, weights_only=True)["step"]
     assert 0 < step < 12, "the run was not killed mid-way"
-    resumed = subprocess.run(_cli(data, killed_dir, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        _cli(data, killed_dir, "--resume"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     full = torch.load(tmp_path / "full" / "training_state.pt", weights_only=True)

@@ -129,17 +129,34 @@ def test_models_health_openapi_and_page(client):
         ({"content": b"hello, not a photo" * 10, "headers": {"Content-Type": "image/jpeg"}}, 422, "not_an_image"),
         ({"files": {"file": ("notes.jpg", b"%PDF-1.4 not a photo", "image/jpeg")}}, 422, "not_an_image"),
         ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
-        ({"content": b"a=b", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415,
-         "unsupported_media_type"),
+        (
+            {"content": b"a=b", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+            415,
+            "unsupported_media_type",
+        ),
         ({"files": {"file": ("notes.txt", b"just text", "text/plain")}}, 415, "unsupported_media_type"),
         ({"data": {"caption": "a cat"}, "files": {"other": ("", b"", "")}}, 400, "no_file"),
         ({"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}}, 400, "bad_request"),
         ({"content": bomb_png(), "headers": {"Content-Type": "image/png"}}, 422, "decompression_bomb"),
-        ({"content": encode(np.zeros((4, 4, 3), np.uint8), "PNG"), "headers": {"Content-Type": "image/png"}}, 422,
-         "too_small"),
+        (
+            {"content": encode(np.zeros((4, 4, 3), np.uint8), "PNG"), "headers": {"Content-Type": "image/png"}},
+            422,
+            "too_small",
+        ),
     ],
-    ids=["empty-raw", "empty-form", "text-raw", "text-form", "json", "urlencoded", "text-part", "no-file",
-         "no-boundary", "bomb", "too-small"],
+    ids=[
+        "empty-raw",
+        "empty-form",
+        "text-raw",
+        "text-form",
+        "json",
+        "urlencoded",
+        "text-part",
+        "no-file",
+        "no-boundary",
+        "bomb",
+        "too-small",
+    ],
 )
 def test_bad_input(client, kwargs, status, code):
     for path in ("/v1/classify", "/v1/embed"):
@@ -148,20 +165,25 @@ def test_bad_input(client, kwargs, status, code):
 
 def test_truncated_and_too_large(client, chelsea):
     half = chelsea[: len(chelsea) // 2]
-    assert "truncated" in _error(client.post("/v1/classify", files={"file": ("t.jpg", half, "image/jpeg")}), 422,
-                                 "truncated")
+    assert "truncated" in _error(
+        client.post("/v1/classify", files={"file": ("t.jpg", half, "image/jpeg")}), 422, "truncated"
+    )
     big = encode(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8), "PNG")
     assert len(big) > 0.25 * 2**20
-    assert "0.2 MiB" in _error(client.post("/v1/classify", files={"file": ("b.png", big, "image/png")}), 413,
-                               "too_large")
+    assert "0.2 MiB" in _error(
+        client.post("/v1/classify", files={"file": ("b.png", big, "image/png")}), 413, "too_large"
+    )
     _error(client.post("/v1/classify", content=big, headers={"Content-Type": "image/png"}), 413, "too_large")
 
 
 def test_request_errors_are_json(client):
     _error(client.get("/v1/nothing"), 404, "not_found")
     _error(client.get("/v1/classify"), 405, "method_not_allowed")
-    _error(client.post("/v1/classify?top_k=0", content=b"x", headers={"Content-Type": "image/jpeg"}), 422,
-           "invalid_request")
+    _error(
+        client.post("/v1/classify?top_k=0", content=b"x", headers={"Content-Type": "image/jpeg"}),
+        422,
+        "invalid_request",
+    )
 
 
 def test_verdict_follows_the_rollup():
@@ -198,9 +220,9 @@ def test_concurrent_requests_share_forward_passes(model, chelsea):
     async def burst() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await asyncio.gather(*[
-                c.post("/v1/classify", content=chelsea, headers={"Content-Type": "image/jpeg"}) for _ in range(8)
-            ])
+            return await asyncio.gather(
+                *[c.post("/v1/classify", content=chelsea, headers={"Content-Type": "image/jpeg"}) for _ in range(8)]
+            )
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 8

@@ -18,8 +18,16 @@ from hierax.weights.files import write_checkpoint
 from tests.serve_support import CLASS_NAMES, COMMON_NAMES, chelsea_jpeg, tiny_model
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MAX_UPLOAD_MB = 1
 
 
@@ -46,8 +54,22 @@ def server(tmp_path_factory):
     names.write_text(json.dumps({str(k): v for k, v in COMMON_NAMES.items()}))
     port = _free_port()
     log = open(root / "server.log", "w+")
-    cmd = [sys.executable, "-m", "hierax", "serve", "--model", str(checkpoint), "--port", str(port), "--device",
-           "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB), "--common-names", str(names)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hierax",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-upload-mb",
+        str(MAX_UPLOAD_MB),
+        "--common-names",
+        str(names),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HIERAX_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,8 +137,10 @@ def test_cli_server_classifies_over_http(server):
 
 def test_declared_oversize_is_refused_before_the_body_is_sent(server):
     port = server.port
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-            b"Content-Length: 104857600\r\n\r\n")
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 104857600\r\n\r\n"
+    )
     answer = _raw_request(port, head, [])
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"error":"too_large"' in answer
@@ -125,8 +149,10 @@ def test_declared_oversize_is_refused_before_the_body_is_sent(server):
 def test_streamed_upload_is_cut_off_at_the_limit(server):
     """A chunked body with no declared length: the answer arrives after ~1 MiB although the body never ends."""
     port = server.port
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     piece = b"\xff" * 65536
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (2 * MAX_UPLOAD_MB * 16)
     answer = _raw_request(port, head, chunks)
@@ -136,8 +162,9 @@ def test_streamed_upload_is_cut_off_at_the_limit(server):
 
 
 def test_a_client_leaving_mid_upload_is_not_a_server_error(server):
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-            b"Content-Length: 100000\r\n\r\n")
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(head + b"\xff\xd8" + b"\x00" * 1000)
         time.sleep(0.2)

@@ -40,17 +40,23 @@ def test_full_strength_changes_more_than_flips():
     full = training_transform((32, 32), strength=1.0, random_erasing=0.0)
     torch.manual_seed(0)
     first = full(image)
-    distinct = [out for out in (full(image) for _ in range(8))
-                if not (torch.equal(out, first) or torch.equal(out, first.flip(-1)))]
+    distinct = [
+        out
+        for out in (full(image) for _ in range(8))
+        if not (torch.equal(out, first) or torch.equal(out, first.flip(-1)))
+    ]
     assert len(distinct) >= 6
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"strength": 1.5}, "strength must be within"),
-    ({"strength": -0.1}, "strength must be within"),
-    ({"min_crop": 0.0}, "smallest crop share"),
-    ({"augment": "autoaugment"}, "unknown augmentation"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strength": 1.5}, "strength must be within"),
+        ({"strength": -0.1}, "strength must be within"),
+        ({"min_crop": 0.0}, "smallest crop share"),
+        ({"augment": "autoaugment"}, "unknown augmentation"),
+    ],
+)
 def test_bad_augmentation_settings_are_refused(kwargs, message):
     with pytest.raises(HieraxError, match=message):
         training_transform((32, 32), **kwargs)

@@ -42,8 +42,10 @@ class BlobStage(Stage):
 def _run(tmp_path, name: str, checkpointing: bool = False, **overrides) -> dict:
     seed_everything(0)
     stage = BlobStage(checkpointing)
-    config = TrainConfig(output_dir=tmp_path / name, **{"epochs": 1, "batch_size": 8, "lr": 2e-3, "num_workers": 0,
-                                                       "ema_decay": 0.5, **overrides})
+    config = TrainConfig(
+        output_dir=tmp_path / name,
+        **{"epochs": 1, "batch_size": 8, "lr": 2e-3, "num_workers": 0, "ema_decay": 0.5, **overrides},
+    )
     Engine(stage, config).fit()
     return torch.load(tmp_path / name / "training_state.pt", weights_only=True)
 

@@ -80,10 +80,7 @@ def test_ema_of_a_short_run_tracks_the_model():
 
 def test_data_order_is_shared_between_one_and_two_processes():
     def positions(world: int, batch: int, start: int = 0) -> list[list[tuple[int, int]]]:
-        per_rank = [
-            list(EpochBatchSampler(40, batch, 5, r, world, seed=3, epoch=1, start=start))
-            for r in range(world)
-        ]
+        per_rank = [list(EpochBatchSampler(40, batch, 5, r, world, seed=3, epoch=1, start=start)) for r in range(world)]
         return [sum((per_rank[r][m] for r in range(world)), []) for m in range(len(per_rank[0]))]
 
     single, double = positions(1, 8), positions(2, 4)

@@ -23,10 +23,35 @@ EPOCHS = 2
 
 def _command(data, out, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "hierax", "train", "--data", str(data), "--network", "hieradet_d_tiny",
-        "--model-config", '{"depths": [1, 1, 1, 1], "embed_dim": 16, "drop_path_rate": 0.1}',
-        "--size", "32", "--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "2e-3", "--mix-prob", "0.5",
-        "--output-dir", str(out), "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu", *extra,
+        sys.executable,
+        "-m",
+        "hierax",
+        "train",
+        "--data",
+        str(data),
+        "--network",
+        "hieradet_d_tiny",
+        "--model-config",
+        '{"depths": [1, 1, 1, 1], "embed_dim": 16, "drop_path_rate": 0.1}',
+        "--size",
+        "32",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--mix-prob",
+        "0.5",
+        "--output-dir",
+        str(out),
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
     ]
 
 
@@ -47,8 +72,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_command(data, full, "--workers", "0"), check=True, env=_env(), capture_output=True)
 
-    proc = subprocess.Popen(_command(data, killed, "--workers", "1"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(data, killed, "--workers", "1"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state_path, step, deadline = killed / "training_state.pt", None, time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         step = _saved_step(state_path)
@@ -74,8 +100,14 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     model_a = torch.load(full / "model.pt", weights_only=True)["state"]
     model_b = torch.load(killed / "model.pt", weights_only=True)["state"]
     assert all(torch.allclose(model_a[k], model_b[k], atol=1e-6, rtol=0) for k in model_a)
-    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-               if r["split"] == "train"] for d in (full, killed)]
+    losses = [
+        [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ]
+        for d in (full, killed)
+    ]
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == list(range(1, 11))
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 

@@ -38,8 +38,9 @@ def shapes(tmp_path_factory):
 def trained(shapes, tmp_path_factory):
     root, bad = shapes
     out = tmp_path_factory.mktemp("run")
-    options = FineTuneConfig(data=str(root / "train"), val=str(root / "val"), network="hieradet_d_tiny",
-                             size=(32, 32), model_config=TINY)
+    options = FineTuneConfig(
+        data=str(root / "train"), val=str(root / "val"), network="hieradet_d_tiny", size=(32, 32), model_config=TINY
+    )
     config = TrainConfig(output_dir=out, epochs=2, batch_size=10, num_workers=0, log_every=3)
     return train_classifier(options, config), out, bad
 
@@ -102,8 +103,9 @@ def test_init_from_a_sam2_file(tmp_path, trained, caplog):
     path = tmp_path / "sam2_tiny.pt"
     torch.save({"model": sam2}, path)
     with caplog.at_level(logging.INFO, logger="hierax.training.supervised"):
-        net, *_ = build_model("hieradet_d_tiny", {"x": 0, "y": 1, "z": 2}, str(path),
-                              {"depths": [1, 1, 1, 1], "embed_dim": 16})
+        net, *_ = build_model(
+            "hieradet_d_tiny", {"x": 0, "y": 1, "z": 2}, str(path), {"depths": [1, 1, 1, 1], "embed_dim": 16}
+        )
     assert "(a backbone): added a new 3-class head" in caplog.text
     assert torch.equal(net.body.stage2[0].mlp[3].weight, state["body.stage2.0.mlp.3.weight"])
     assert net.classifier.weight.shape[0] == 3
@@ -112,8 +114,13 @@ def test_init_from_a_sam2_file(tmp_path, trained, caplog):
 def test_progressive_resolution_writes_the_new_size(trained, shapes, tmp_path):
     _, out, _ = trained
     root, _ = shapes
-    options = FineTuneConfig(data=str(root / "val"), init_from=str(out / "model.pt"), size=(48, 48),
-                             augment="randaugment", random_erasing=0.0)
+    options = FineTuneConfig(
+        data=str(root / "val"),
+        init_from=str(out / "model.pt"),
+        size=(48, 48),
+        augment="randaugment",
+        random_erasing=0.0,
+    )
     config = TrainConfig(output_dir=tmp_path, epochs=1, batch_size=16, lr=1e-4, num_workers=0)
     result = train_classifier(options, config)
     assert config.layer_decay == 0.65  # the pretrained default
@@ -125,8 +132,9 @@ def test_progressive_resolution_writes_the_new_size(trained, shapes, tmp_path):
 
 def test_linear_probe_trains_the_classifier_only(trained, shapes, tmp_path):
     _, out, _ = trained
-    options = FineTuneConfig(data=str(shapes[0] / "val"), init_from=str(out / "model.pt"), size=(32, 32),
-                             linear_probe=True, augment="none")
+    options = FineTuneConfig(
+        data=str(shapes[0] / "val"), init_from=str(out / "model.pt"), size=(32, 32), linear_probe=True, augment="none"
+    )
     config = TrainConfig(output_dir=tmp_path, epochs=1, batch_size=16, lr=1e-2, num_workers=0, ema=False)
     result = train_classifier(options, config)
     before = torch.load(out / "model.pt", weights_only=True)["state"]

@@ -88,7 +88,9 @@ def test_other_architecture(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="does not (match|fit) network 'hieradet_d_small'"):
         hierax.load_pretrained_model(path, network="hieradet_d_small")
     del net.body.stage4[0]
-    path = write_checkpoint(tmp_path / "m.pt", net, ModelInfo.create("hieradet_d_tiny", info.class_to_idx, 64, config=TINY))
+    path = write_checkpoint(
+        tmp_path / "m.pt", net, ModelInfo.create("hieradet_d_tiny", info.class_to_idx, 64, config=TINY)
+    )
     with pytest.raises(CheckpointError, match="missing 14 tensors"):
         hierax.load_pretrained_model(path)
 

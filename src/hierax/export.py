@@ -102,10 +102,12 @@ def _dynamic_shapes(fmt: str, dynamic_batch: bool, dynamic_size: bool) -> dict |
     if dynamic_batch:
         dims[0] = torch.export.Dim.DYNAMIC
     if dynamic_size and fmt == "pt2":
-        dims.update({
-            2: torch.export.Dim("blocks_h", min=PT2_MIN_SIDE // PT2_SIZE_MULTIPLE, max=256) * PT2_SIZE_MULTIPLE,
-            3: torch.export.Dim("blocks_w", min=PT2_MIN_SIDE // PT2_SIZE_MULTIPLE, max=256) * PT2_SIZE_MULTIPLE,
-        })
+        dims.update(
+            {
+                2: torch.export.Dim("blocks_h", min=PT2_MIN_SIDE // PT2_SIZE_MULTIPLE, max=256) * PT2_SIZE_MULTIPLE,
+                3: torch.export.Dim("blocks_w", min=PT2_MIN_SIDE // PT2_SIZE_MULTIPLE, max=256) * PT2_SIZE_MULTIPLE,
+            }
+        )
     elif dynamic_size:
         dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
     return {"x": dims} if dims else None

@@ -67,8 +67,12 @@ def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
     system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
-    system.add_argument("--checkpoint-every", type=int, default=1000,
-                        help="save the training state every N steps as well as at each epoch end (0: epoch ends)")
+    system.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="save the training state every N steps as well as at each epoch end (0: epoch ends)",
+    )
 
 
 def system_kwargs(args: argparse.Namespace) -> dict:

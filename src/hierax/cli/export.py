@@ -49,4 +49,3 @@ def run(args: argparse.Namespace) -> int:
     kind = f"{fmt}, {args.dtype}{', int8' if args.quantize else ''}"
     print(f"wrote {path} ({kind}, {path.stat().st_size / 2**20:.1f} MiB)")
     return 0
-

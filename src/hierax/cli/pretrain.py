@@ -20,12 +20,19 @@ HELP = "DINOv2 self-supervised pretraining of a backbone on unlabelled images"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data and model")
-    data.add_argument("--data", required=True,
-                      help="images: a folder (searched recursively; class folders are fine, labels are ignored), "
-                           "a list or CSV file, a glob or an iNat21 .json")
+    data.add_argument(
+        "--data",
+        required=True,
+        help="images: a folder (searched recursively; class folders are fine, labels are ignored), "
+        "a list or CSV file, a glob or an iNat21 .json",
+    )
     data.add_argument("--network", default="hieradet_d_small", help="architecture (default hieradet_d_small)")
-    data.add_argument("--model-config", type=json_object, default={},
-                      help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
+    data.add_argument(
+        "--model-config",
+        type=json_object,
+        default={},
+        help="HieraDet config overrides as JSON, e.g. '{\"drop_path_rate\": 0.2}'",
+    )
     data.add_argument("--size", type=int, default=224, help="global crop side (default 224)")
     data.add_argument("--local-size", type=int, help="local crop side (default: 96/224 of --size)")
     data.add_argument("--local-crops", type=int, default=8, help="local crops per image (default 8)")
@@ -38,8 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--prototypes", type=int, default=65536, help="prototypes of each head (K)")
     method.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head MLPs")
     method.add_argument("--head-bottleneck", type=int, default=256, help="bottleneck width of the heads")
-    method.add_argument("--targets", choices=("sinkhorn", "centering"), default="sinkhorn",
-                        help="teacher targets: Sinkhorn-Knopp (3 iterations) or softmax centering")
+    method.add_argument(
+        "--targets",
+        choices=("sinkhorn", "centering"),
+        default="sinkhorn",
+        help="teacher targets: Sinkhorn-Knopp (3 iterations) or softmax centering",
+    )
     method.add_argument("--koleo", type=float, default=0.1, help="KoLeo weight")
     method.add_argument("--ibot", type=float, default=1.0, help="iBOT loss weight")
 

@@ -35,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", help="folder that .json/.csv image paths are relative to (default: the file's)")
     data.add_argument("--network", help="architecture (default: the --init-from model's, else hieradet_d_small)")
     data.add_argument("--init-from", help="registry name, checkpoint, or SAM 2 / timm file to start from")
-    data.add_argument("--model-config", type=json_object, default={},
-                      help='HieraDet config overrides as JSON, e.g. \'{"drop_path_rate": 0.2}\'')
+    data.add_argument(
+        "--model-config",
+        type=json_object,
+        default={},
+        help="HieraDet config overrides as JSON, e.g. '{\"drop_path_rate\": 0.2}'",
+    )
     data.add_argument("--size", type=_size, default=(256, 256), help="training size, N or HxW (default 256)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="where model.pt and logs go")
     data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
@@ -60,13 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--label-smoothing", type=float, default=0.1)
     aug.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
-    aug.add_argument("--augment-strength", type=float,
-                     help="0 to 1: scales crop, policy and erasing together (default: grows with --epochs, "
-                          "0 up to 5 epochs, 1 from 100)")
+    aug.add_argument(
+        "--augment-strength",
+        type=float,
+        help="0 to 1: scales crop, policy and erasing together (default: grows with --epochs, "
+        "0 up to 5 epochs, 1 from 100)",
+    )
     aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: 0 up to 20 epochs, 1 from 100)")
     aug.add_argument("--random-erasing", type=float, help="random erasing probability (default: 0.25 x strength)")
-    aug.add_argument("--min-crop", type=float,
-                     help="smallest random-resized-crop area share (default: 1 - 0.92 x strength)")
+    aug.add_argument(
+        "--min-crop", type=float, help="smallest random-resized-crop area share (default: 1 - 0.92 x strength)"
+    )
 
     add_system_options(parser, "model")
 

@@ -448,8 +448,18 @@ def predict(
     run_options = dict(
         batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size, backend=backend
     )
-    return _run(sources, model, output=output, errors_output=errors_output, columns_for=columns_for,
-                rows_for=rows_for, resume=resume, chunk_size=chunk_size, progress=progress, **run_options)
+    return _run(
+        sources,
+        model,
+        output=output,
+        errors_output=errors_output,
+        columns_for=columns_for,
+        rows_for=rows_for,
+        resume=resume,
+        chunk_size=chunk_size,
+        progress=progress,
+        **run_options,
+    )
 
 
 def embed(
@@ -489,6 +499,17 @@ def embed(
     run_options = dict(
         batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size, backend=backend
     )
-    return _run(sources, model, output=output, errors_output=errors_output, columns_for=columns_for,
-                rows_for=rows_for, resume=resume, chunk_size=chunk_size, progress=progress,
-                return_embedding=True, features=list(features), **run_options)
+    return _run(
+        sources,
+        model,
+        output=output,
+        errors_output=errors_output,
+        columns_for=columns_for,
+        rows_for=rows_for,
+        resume=resume,
+        chunk_size=chunk_size,
+        progress=progress,
+        return_embedding=True,
+        features=list(features),
+        **run_options,
+    )

@@ -487,9 +487,7 @@ class HieraDet(nn.Module):
 
     def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw stage outputs as NCHW maps keyed stage1..stage4 (strides 4, 8, 16, 32)."""
-        return {
-            f"stage{i + 1}": out.permute(0, 3, 1, 2).contiguous() for i, out in enumerate(self.forward_stages(x))
-        }
+        return {f"stage{i + 1}": out.permute(0, 3, 1, 2).contiguous() for i, out in enumerate(self.forward_stages(x))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -498,5 +496,3 @@ class HieraDet(nn.Module):
 def network_config(network: str) -> HieraDetConfig:
     """The default config of a network name; KeyError if unknown."""
     return NETWORK_CONFIGS[network]
-
-

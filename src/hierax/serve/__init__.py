@@ -46,12 +46,19 @@ def serve(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net, info = load_pretrained_model(model, inference=True, device=device)
     names = load_common_names(common_names, info.class_names) if common_names else None
-    app = create_app(net, info, name=model_display_name(model), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     max_upload_mb=max_upload_mb, top_k=top_k, common_names=names)
+    app = create_app(
+        net,
+        info,
+        name=model_display_name(model),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_mb=max_upload_mb,
+        top_k=top_k,
+        common_names=names,
+    )
     app.state.model.warmup()
     logger.info("serving %s (%s, %d classes) on http://%s:%d", model, info.network, info.num_classes, host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=MAX_CONNECTIONS,
-                server_header=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=MAX_CONNECTIONS, server_header=False)
 
 
 __all__ = ["DEFAULT_MODEL", "MicroBatcher", "ServedModel", "create_app", "model_display_name", "serve"]

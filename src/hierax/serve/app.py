@@ -47,15 +47,25 @@ from hierax.weights.files import ModelInfo
 logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
-_STATIC = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "text/javascript"),
-           "/static/style.css": ("style.css", "text/css")}
+_STATIC = {
+    "/": ("index.html", "text/html"),
+    "/static/app.js": ("app.js", "text/javascript"),
+    "/static/style.css": ("style.css", "text/css"),
+}
 _PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-                 415: "unsupported_media_type", 422: "bad_image", 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "bad_image",
+    503: "unavailable",
+}
 _DECODE_STATUS = {"empty": 400}
 _UPLOAD_BODY = {
     "requestBody": {
@@ -63,17 +73,26 @@ _UPLOAD_BODY = {
         "description": "one image: a multipart form with the field `file`, or the raw image bytes",
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
-_ERRORS = {code: {"model": ErrorBody, "description": name.replace("_", " ")}
-           for code, name in ((400, "empty or malformed upload"), (413, "upload too large"),
-                              (415, "not an image content type"), (422, "not a decodable image"))}
+_ERRORS = {
+    code: {"model": ErrorBody, "description": name.replace("_", " ")}
+    for code, name in (
+        (400, "empty or malformed upload"),
+        (413, "upload too large"),
+        (415, "not an image content type"),
+        (422, "not a decodable image"),
+    )
+}
 
 
 def _decode_error(err: ImageDecodeError) -> ApiError:
@@ -132,14 +151,16 @@ class ServedModel:
         for index, p in zip(indices[0].tolist(), values[0].tolist(), strict=True):
             taxon = self.taxonomy.taxon(index)
             label = self.taxonomy.class_names[index]
-            predictions.append(Prediction(
-                index=index,
-                label=label,
-                probability=p,
-                scientific_name=taxon.species if taxon else label,
-                common_name=self.taxonomy.common_name(index) or None,
-                taxonomy=taxon.as_dict() if taxon else {},
-            ))
+            predictions.append(
+                Prediction(
+                    index=index,
+                    label=label,
+                    probability=p,
+                    scientific_name=taxon.species if taxon else label,
+                    common_name=self.taxonomy.common_name(index) or None,
+                    taxonomy=taxon.as_dict() if taxon else {},
+                )
+            )
         if not self.taxonomy.is_taxonomic:
             return predictions, None
         rollup = self.taxonomy.rollup(probs, self.thresholds)[0]
@@ -208,21 +229,35 @@ def create_app(
     Endpoints: POST /v1/classify, POST /v1/embed, GET /v1/models, GET /healthz, the page at /, and the
     OpenAPI schema at /openapi.json (docs at /docs)."""
     net.eval()
-    model = ServedModel(name or info.network, net, info, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                        common_names=common_names, thresholds=thresholds, max_pixels=max_pixels)
+    model = ServedModel(
+        name or info.network,
+        net,
+        info,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        common_names=common_names,
+        thresholds=thresholds,
+        max_pixels=max_pixels,
+    )
     max_bytes = int(max_upload_mb * 2**20)
     default_k = top_k
     decode_limiter = anyio.CapacityLimiter(decode_threads or min(4, os.cpu_count() or 1))
-    pages = {path: (resources.files("hierax.serve").joinpath("static", file).read_bytes(), media)
-             for path, (file, media) in _STATIC.items()}
+    pages = {
+        path: (resources.files("hierax.serve").joinpath("static", file).read_bytes(), media)
+        for path, (file, media) in _STATIC.items()
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await model.batcher.aclose()
 
-    app = FastAPI(title="hierax", summary="Identify species in wildlife photos with HieraDet.",
-                  version=info.version, lifespan=lifespan)
+    app = FastAPI(
+        title="hierax",
+        summary="Identify species in wildlife photos with HieraDet.",
+        version=info.version,
+        lifespan=lifespan,
+    )
     app.state.model = model
     _install_error_handlers(app)
 
@@ -244,8 +279,13 @@ def create_app(
         )
         return probs, emb, size
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
-              summary="Identify the species in one photo")
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_BODY,
+        summary="Identify the species in one photo",
+    )
     async def classify(
         request: Request,
         response: Response,
@@ -255,8 +295,13 @@ def create_app(
         predictions, verdict = model.describe(probs, top_k)
         return ClassifyResponse(model=model.name, image=size, predictions=predictions, verdict=verdict)
 
-    @app.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
-              summary="The embedding of one photo (LayerNorm, then the spatial mean of the last stage)")
+    @app.post(
+        "/v1/embed",
+        response_model=EmbedResponse,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_BODY,
+        summary="The embedding of one photo (LayerNorm, then the spatial mean of the last stage)",
+    )
     async def embed(request: Request, response: Response) -> EmbedResponse:
         if not model.has_embedding:
             raise ApiError(501, "not_supported", f"model '{model.name}' does not expose embeddings")
@@ -270,8 +315,9 @@ def create_app(
     @app.get("/healthz", response_model=Health, summary="Liveness, with batching counters")
     async def healthz() -> Health:
         stats = model.batcher.stats
-        return Health(status="ok", models=[model.name], batches=stats.batches, images=stats.items,
-                      mean_batch=stats.mean_batch)
+        return Health(
+            status="ok", models=[model.name], batches=stats.batches, images=stats.items, mean_batch=stats.mean_batch
+        )
 
     for path, (body, media) in pages.items():
         app.add_api_route(path, _page(body, media), methods=["GET"], include_in_schema=False)

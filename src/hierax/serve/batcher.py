@@ -10,6 +10,7 @@ decoded announces itself with `expect()`; a batch that is not full waits for ann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,10 +112,8 @@ class MicroBatcher(Generic[T, R]):
             await self._wakeup.wait()
             if len(self._pending) < self.max_batch and self._expected > 0 and self.max_wait > 0:
                 self._ready.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), self.max_wait)
-                except TimeoutError:
-                    pass
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             if not self._pending:
                 self._wakeup.clear()
@@ -146,10 +145,8 @@ class MicroBatcher(Generic[T, R]):
         A later submit starts a fresh worker."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         _fail(self._pending, RuntimeError("the batcher was closed"))
         self._pending = []
         if self._executor is not None:

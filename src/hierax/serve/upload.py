@@ -8,9 +8,9 @@ over it is refused before reading, and a stream that grows past it is cut off at
 from __future__ import annotations
 
 from fastapi import HTTPException, Request
-from starlette.requests import ClientDisconnect
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FORM_PARTS = 16

@@ -49,8 +49,11 @@ def training_transform(
     erasing = FULL_RANDOM_ERASING * strength if random_erasing is None else random_erasing
     stats = normalize_stats(rgb_stats)
     bicubic = v2.InterpolationMode.BICUBIC
-    crop = (v2.Resize(size, interpolation=bicubic, antialias=True) if min_crop >= 1.0
-            else v2.RandomResizedCrop(size, scale=(min_crop, 1.0), interpolation=bicubic, antialias=True))
+    crop = (
+        v2.Resize(size, interpolation=bicubic, antialias=True)
+        if min_crop >= 1.0
+        else v2.RandomResizedCrop(size, scale=(min_crop, 1.0), interpolation=bicubic, antialias=True)
+    )
     steps: list = [crop, v2.RandomHorizontalFlip()]
     policy = None
     if augment == "trivialaugment":

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
-from hierax.atomic import atomic_write  # noqa: E402
+from hierax.atomic import atomic_write
 
 
 def _series(history: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
@@ -25,8 +25,11 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
         x, y = _series(history, split, key)
         if x:
             ax_loss.plot(x, y, marker="." if split == "val" or len(x) < 3 else None, label=label)
-    for split, key, label in (("train", "train_top1", "train top-1"), ("val", "top1", "val top-1"),
-                              ("val", "top5", "val top-5")):
+    for split, key, label in (
+        ("train", "train_top1", "train top-1"),
+        ("val", "top1", "val top-1"),
+        ("val", "top5", "val top-5"),
+    ):
         x, y = _series(history, split, key)
         if x:
             ax_acc.plot(x, y, marker="." if split == "val" or len(x) < 3 else None, label=label)

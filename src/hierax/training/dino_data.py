@@ -134,9 +134,7 @@ def sample_masks(
     h, w = grid
     n_masked = int(batch * probability)
     bounds = torch.linspace(ratio[0], ratio[1], n_masked + 1).tolist()
-    masks = [
-        block_mask(h, w, max(1, int(h * w * rng.uniform(bounds[i], bounds[i + 1]))), rng) for i in range(n_masked)
-    ]
+    masks = [block_mask(h, w, max(1, int(h * w * rng.uniform(bounds[i], bounds[i + 1]))), rng) for i in range(n_masked)]
     masks.extend(torch.zeros(h, w, dtype=torch.bool) for _ in range(batch - n_masked))
     rng.shuffle(masks)
     return torch.stack(masks)

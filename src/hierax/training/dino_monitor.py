@@ -79,8 +79,11 @@ class KnnProbe:
         """k-NN top-1 (0-1) of `backbone`'s embeddings."""
         feats = embed_images(backbone, self.dataset, device=device)
         if feats.shape[0] != self.labels.shape[0]:
-            logger.warning("k-NN probe: %d of %d images could not be read", self.labels.shape[0] - feats.shape[0],
-                           self.labels.shape[0])
+            logger.warning(
+                "k-NN probe: %d of %d images could not be read",
+                self.labels.shape[0] - feats.shape[0],
+                self.labels.shape[0],
+            )
             return float("nan")
         return knn_top1(feats, self.labels, k=self.k)
 
@@ -124,4 +127,3 @@ class CollapseMonitor:
             self.warned.add(warning.split(":")[0])
             logger.warning("%s", warning)
         return new
-

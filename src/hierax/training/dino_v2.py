@@ -98,8 +98,9 @@ class DinoSchedule:
     def for_run(cls, config: DinoConfig, total_steps: int, steps_per_epoch: int) -> DinoSchedule:
         """Cap each epoch-based schedule at its share of the run; start the teacher momentum low enough that
         its time constant 1 / (1 - m) is at most `momentum_min_share` of the run."""
-        temp_warmup = min(config.teacher_temp_warmup_epochs * steps_per_epoch,
-                          config.teacher_temp_warmup_share * total_steps)
+        temp_warmup = min(
+            config.teacher_temp_warmup_epochs * steps_per_epoch, config.teacher_temp_warmup_share * total_steps
+        )
         freeze = min(config.freeze_last_layer_epochs * steps_per_epoch, config.freeze_last_layer_share * total_steps)
         heads_only = min(config.backbone_warmup_epochs * steps_per_epoch, config.backbone_warmup_share * total_steps)
         tau = max(1.0, config.momentum_min_share * total_steps)
@@ -132,8 +133,9 @@ class DinoStudent(nn.Module):
     def __init__(self, backbone: HieraDet, config: DinoConfig) -> None:
         super().__init__()
         dim = backbone.embedding_size
-        head = dict(hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim,
-                    layers=config.head_layers)
+        head = dict(
+            hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim, layers=config.head_layers
+        )
         self.backbone = backbone
         self.dino_head = DINOHead(dim, config.num_prototypes, **head)
         self.ibot_head = DINOHead(dim, config.ibot_prototypes or config.num_prototypes, **head)
@@ -191,10 +193,14 @@ class DinoV2Stage(Stage):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights depend on the seed only, so runs can be compared
             self.model = build_student(network, self.config, **self.network_config)
-        self.dino_targets = TeacherTargets(self.config.num_prototypes, self.config.targets,
-                                           self.config.sinkhorn_iterations)
-        self.ibot_targets = TeacherTargets(self.config.ibot_prototypes or self.config.num_prototypes,
-                                           self.config.targets, self.config.sinkhorn_iterations)
+        self.dino_targets = TeacherTargets(
+            self.config.num_prototypes, self.config.targets, self.config.sinkhorn_iterations
+        )
+        self.ibot_targets = TeacherTargets(
+            self.config.ibot_prototypes or self.config.num_prototypes,
+            self.config.targets,
+            self.config.sinkhorn_iterations,
+        )
         self.monitor = CollapseMonitor(self.config.num_prototypes)
         self.probe: KnnProbe | None = None
         self._schedule: DinoSchedule | None = None
@@ -205,9 +211,15 @@ class DinoV2Stage(Stage):
             self.dino_targets.to(ctx.device)
             self.ibot_targets.to(ctx.device)
             s = self._schedule
-            logger.info("DINOv2 schedules: teacher temperature warmup %d steps, prototypes frozen %d steps, "
-                        "heads only %d steps, teacher momentum %.4f -> %.4f", s.teacher_temp_warmup_steps,
-                        s.freeze_last_layer_steps, s.backbone_warmup_steps, s.momentum_start, self.config.momentum_end)
+            logger.info(
+                "DINOv2 schedules: teacher temperature warmup %d steps, prototypes frozen %d steps, "
+                "heads only %d steps, teacher momentum %.4f -> %.4f",
+                s.teacher_temp_warmup_steps,
+                s.freeze_last_layer_steps,
+                s.backbone_warmup_steps,
+                s.momentum_start,
+                self.config.momentum_end,
+            )
         return self._schedule
 
     def collate(self, samples: list) -> dict:
@@ -224,8 +236,7 @@ class DinoV2Stage(Stage):
         grids = stage_grids(crops.shape[-2], crops.shape[-1], self.model.backbone.config.q_stride)
         rng = random.Random(hash((ctx.config.seed, ctx.step, ctx.micro_step)))
         per_rank, world, rank = crops.shape[0] // 2, ctx.dist.world_size, ctx.dist.rank
-        masks = sample_masks(2 * per_rank * world, grids[-1], rng, self.config.mask_probability,
-                             self.config.mask_ratio)
+        masks = sample_masks(2 * per_rank * world, grids[-1], rng, self.config.mask_probability, self.config.mask_ratio)
         masks = masks.view(2, world, per_rank, *grids[-1])[:, rank].reshape(2 * per_rank, *grids[-1])
         masks = masks.to(crops.device)
         return masks, upsample_mask(masks, 2 ** (len(grids) - 1), grids[0])
@@ -240,8 +251,9 @@ class DinoV2Stage(Stage):
             ibot_t = self.ibot_targets(teacher["patches"], temp)
         student = model(batch["global"], batch.get("local"), token_mask=token_mask, masks=masks)
         # each student global crop is compared with the teacher's other global crop, every local crop with both
-        s_views = list(student["global"].chunk(2)) + (list(student["local"].chunk(cfg.crops.local_crops))
-                                                        if "local" in student else [])
+        s_views = list(student["global"].chunk(2)) + (
+            list(student["local"].chunk(cfg.crops.local_crops)) if "local" in student else []
+        )
         l_dino = dino_loss(s_views, list(dino_t.chunk(2)), cfg.student_temp)
         l_ibot = ibot_loss(student["patches"], ibot_t, masks, cfg.student_temp)
         l_koleo = sum(koleo_loss(p) for p in student["pooled"].chunk(2))
@@ -249,11 +261,18 @@ class DinoV2Stage(Stage):
         spread = feature_spread(teacher["pooled"])
         entropy = teacher_entropy(dino_t)
         if ctx.micro_step == 0 and ctx.step % ctx.config.log_every == 0:  # reading the values syncs a GPU
-            self.monitor.check(float(spread), float(entropy),
-                               after_warmup=ctx.step >= schedule.teacher_temp_warmup_steps)
-        metrics = {"dino_loss": l_dino.detach(), "ibot_loss": l_ibot.detach(), "koleo_loss": l_koleo.detach(),
-                   "teacher_entropy": entropy, "feature_std": spread, "teacher_temp": temp,
-                   "momentum": schedule.momentum(ctx.step)}
+            self.monitor.check(
+                float(spread), float(entropy), after_warmup=ctx.step >= schedule.teacher_temp_warmup_steps
+            )
+        metrics = {
+            "dino_loss": l_dino.detach(),
+            "ibot_loss": l_ibot.detach(),
+            "koleo_loss": l_koleo.detach(),
+            "teacher_entropy": entropy,
+            "feature_std": spread,
+            "teacher_temp": temp,
+            "momentum": schedule.momentum(ctx.step),
+        }
         return loss, metrics
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
@@ -345,8 +364,12 @@ def pretrain(
     Unset, the optimisation follows DINOv2 (AdamW, LR 0.004 x sqrt(batch / 1024), weight decay 0.04 -> 0.2,
     clip 3.0, layer decay 0.9) with its warmup capped at 10% of the run."""
     config = config or DinoConfig()
-    crops = replace(config.crops, global_size=size, local_size=local_size or max(32, round(size * 96 / 224)),
-                    local_crops=local_crops)
+    crops = replace(
+        config.crops,
+        global_size=size,
+        local_size=local_size or max(32, round(size * 96 / 224)),
+        local_crops=local_crops,
+    )
     config = replace(config, crops=crops)
     for name, side in (("size", config.crops.global_size), ("local size", config.crops.local_size)):
         if min(stage_grids(side, side)[-1]) < 1:
@@ -355,8 +378,16 @@ def pretrain(
     augment = MultiCropAugmentation(config.crops)
     dataset = ImageDataset(unlabelled_paths(data), transform=augment)
     global_batch = batch_size * dist.world_size * train_options.get("accum_steps", 1)
-    options = dict(lr=lr or default_lr(global_batch), min_lr_ratio=0.001, weight_decay=0.04, weight_decay_end=0.2,
-                   layer_decay=0.9, warmup_epochs=min(10.0, 0.1 * epochs), clip_grad=3.0, ema=True)
+    options = dict(
+        lr=lr or default_lr(global_batch),
+        min_lr_ratio=0.001,
+        weight_decay=0.04,
+        weight_decay_end=0.2,
+        layer_decay=0.9,
+        warmup_epochs=min(10.0, 0.1 * epochs),
+        clip_grad=3.0,
+        ema=True,
+    )
     options.update(train_options)
     train_config = TrainConfig(output_dir=Path(output_dir), epochs=epochs, batch_size=batch_size, **options)
     stage = DinoV2Stage(network, dataset, config, network_config, seed=train_config.seed)

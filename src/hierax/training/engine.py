@@ -327,8 +327,9 @@ class Engine:
         per_step = cfg.batch_size * dist.world_size * cfg.accum_steps
         steps_per_epoch = n // per_step
         if steps_per_epoch == 0:
-            raise HieraxError(f"the training set has {n} images, fewer than one global batch of {per_step}; lower "
-                              "the batch size")
+            raise HieraxError(
+                f"the training set has {n} images, fewer than one global batch of {per_step}; lower the batch size"
+            )
         total = steps_per_epoch * cfg.epochs
         seed_everything(cfg.seed + dist.rank)
 
@@ -353,8 +354,10 @@ class Engine:
         elif cfg.resume:
             logger.warning("--resume: no %s in %s, starting from scratch", STATE_FILE, cfg.output_dir)
         elif state_path.exists():
-            raise HieraxError(f"{cfg.output_dir} holds an earlier run ({STATE_FILE}); pass --resume to continue it "
-                              "or choose another output directory")
+            raise HieraxError(
+                f"{cfg.output_dir} holds an earlier run ({STATE_FILE}); pass --resume to continue it "
+                "or choose another output directory"
+            )
         if dist.is_main:
             atomic_write_text(cfg.output_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
         train_model: nn.Module = self.module
@@ -363,17 +366,31 @@ class Engine:
             train_model = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         if cfg.compile:
             train_model = torch.compile(train_model)
-        logger.info("training %d steps (%d epochs of %d), global batch %d, %d process(es), warmup %d steps",
-                    total, cfg.epochs, steps_per_epoch, per_step, dist.world_size, self.warmup)
+        logger.info(
+            "training %d steps (%d epochs of %d), global batch %d, %d process(es), warmup %d steps",
+            total,
+            cfg.epochs,
+            steps_per_epoch,
+            per_step,
+            dist.world_size,
+            self.warmup,
+        )
 
         data = SeededSamples(stage.train_dataset, cfg.max_bad_retries)
         while ctx.step < total:
             epoch = ctx.step // steps_per_epoch
             start = (ctx.step % steps_per_epoch) * cfg.accum_steps
-            sampler = EpochBatchSampler(n, cfg.batch_size, steps_per_epoch * cfg.accum_steps, dist.rank,
-                                        dist.world_size, cfg.seed, epoch, start)
-            loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=self._collate,
-                                pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+            sampler = EpochBatchSampler(
+                n, cfg.batch_size, steps_per_epoch * cfg.accum_steps, dist.rank, dist.world_size, cfg.seed, epoch, start
+            )
+            loader = DataLoader(
+                data,
+                batch_sampler=sampler,
+                num_workers=cfg.num_workers,
+                collate_fn=self._collate,
+                pin_memory=dist.device.type == "cuda",
+                generator=torch.Generator().manual_seed(0),
+            )
             self._run_epoch(train_model, loader, ctx)
         dist.barrier()
         if dist.is_main:
@@ -403,8 +420,14 @@ class Engine:
         count, images, tick = 0, 0, time.perf_counter()
         batches = iter(loader)
         self.module.train()
-        bar = tqdm(total=ctx.steps_per_epoch, initial=ctx.step % ctx.steps_per_epoch, desc=f"epoch {epoch + 1}",
-                   disable=not dist.is_main, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=ctx.steps_per_epoch,
+            initial=ctx.step % ctx.steps_per_epoch,
+            desc=f"epoch {epoch + 1}",
+            disable=not dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
         while ctx.step < end:
             self._set_schedules(ctx)
             for micro in range(cfg.accum_steps):
@@ -439,16 +462,22 @@ class Engine:
             count += 1
             bar.update(1)
             if ctx.step % cfg.log_every == 0 or ctx.step == end:
-                record = {"split": "train", "step": ctx.step, "epoch": round(ctx.step / ctx.steps_per_epoch, 4),
-                          "lr": ctx.lr}
+                record = {
+                    "split": "train",
+                    "step": ctx.step,
+                    "epoch": round(ctx.step / ctx.steps_per_epoch, 4),
+                    "lr": ctx.lr,
+                }
                 for k, v in sums.items():
                     record[k] = float(dist.all_reduce_mean(v / count))
                 record["images_per_s"] = round(images / max(time.perf_counter() - tick, 1e-9), 2)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 self._log(record)
                 if not math.isfinite(record["loss"]):
-                    raise HieraxError(f"the loss is {record['loss']} at step {ctx.step}: lower --lr, or resume from "
-                                      "the last checkpoint with a smaller one")
+                    raise HieraxError(
+                        f"the loss is {record['loss']} at step {ctx.step}: lower --lr, or resume from "
+                        "the last checkpoint with a smaller one"
+                    )
                 sums, count, images, tick = {}, 0, 0, time.perf_counter()
             if ctx.step == end:
                 self._validate(ctx)
@@ -464,8 +493,11 @@ class Engine:
         self.module.train()
         if metrics:
             record = {"split": "val", "step": ctx.step, "epoch": ctx.step // ctx.steps_per_epoch, **metrics}
-            logger.info("epoch %d: %s", record["epoch"],
-                        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            logger.info(
+                "epoch %d: %s",
+                record["epoch"],
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            )
             self._log(record)
 
     def _log(self, record: dict) -> None:
@@ -521,15 +553,18 @@ class Engine:
     def _load_state(self, path: Path, ctx: StepContext, global_batch: int) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is a CheckpointError
+        except Exception as err:
             raise CheckpointError(f"cannot read the training state {path}: {err}") from None
         if state["world_size"] != self.dist.world_size or state["global_batch"] != global_batch:
             raise CheckpointError(
                 f"{path} was written by {state['world_size']} process(es) with a global batch of "
-                f"{state['global_batch']}; resume with the same number of processes and batch size")
+                f"{state['global_batch']}; resume with the same number of processes and batch size"
+            )
         if state["total_steps"] != ctx.total_steps:
-            raise CheckpointError(f"{path} is a run of {state['total_steps']} steps, this one has {ctx.total_steps}: "
-                                  "resume with the same data, epochs and batch size")
+            raise CheckpointError(
+                f"{path} is a run of {state['total_steps']} steps, this one has {ctx.total_steps}: "
+                "resume with the same data, epochs and batch size"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

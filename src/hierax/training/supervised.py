@@ -109,8 +109,12 @@ def build_model(
         and tuple(state["classifier.weight"].shape) == tuple(model.classifier.weight.shape)
     )
     if not head_fits and "classifier.weight" in state:
-        logger.info("init from %s: replaced the %d-class head by a new %d-class head", path.name,
-                    state["classifier.weight"].shape[0], num_classes)
+        logger.info(
+            "init from %s: replaced the %d-class head by a new %d-class head",
+            path.name,
+            state["classifier.weight"].shape[0],
+            num_classes,
+        )
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     elif not head_fits:
         logger.info("init from %s (a backbone): added a new %d-class head", path.name, num_classes)
@@ -158,14 +162,22 @@ class SupervisedStage(Stage):
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
         prob = 0.0 if options.linear_probe else prob
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
-        logger.info("fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, mixed batches: "
-                    "%.0f%%", self.network, len(train), len(self.class_to_idx), size[0], size[1], strength,
-                    100 * self.mix.prob)
+        logger.info(
+            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, mixed batches: %.0f%%",
+            self.network,
+            len(train),
+            len(self.class_to_idx),
+            size[0],
+            size[1],
+            strength,
+            100 * self.mix.prob,
+        )
 
     def info(self) -> ModelInfo:
         """The ModelInfo written with the model: training classes, this run's size, rgb stats and config."""
-        return ModelInfo.create(self.network, self.class_to_idx, tuple(self.options.size), self.rgb_stats,
-                                self.model_config)
+        return ModelInfo.create(
+            self.network, self.class_to_idx, tuple(self.options.size), self.rgb_stats, self.model_config
+        )
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
         return optim.param_groups(self.model, config.weight_decay, config.layer_decay or 1.0)
@@ -183,8 +195,13 @@ class SupervisedStage(Stage):
             return {}
         dist = ctx.dist
         shard = Subset(self.val_dataset, range(dist.rank, len(self.val_dataset), dist.world_size))
-        loader = DataLoader(shard, batch_size=ctx.config.batch_size * 2, num_workers=ctx.config.num_workers,
-                            collate_fn=collate_samples, generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(
+            shard,
+            batch_size=ctx.config.batch_size * 2,
+            num_workers=ctx.config.num_workers,
+            collate_fn=collate_samples,
+            generator=torch.Generator().manual_seed(0),
+        )
         sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # top1, top5, loss, images, bad
         k = min(5, len(self.class_to_idx))
         for batch in loader:
@@ -201,8 +218,12 @@ class SupervisedStage(Stage):
             sums[3] += len(labels)
         sums = dist.all_reduce_sum(sums)
         n = max(sums[3].item(), 1.0)
-        out = {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "val_loss": sums[2].item() / n,
-               "images": int(sums[3].item())}
+        out = {
+            "top1": sums[0].item() / n,
+            "top5": sums[1].item() / n,
+            "val_loss": sums[2].item() / n,
+            "images": int(sums[3].item()),
+        }
         if sums[4] > 0:
             out["bad_images"] = int(sums[4].item())
         return out

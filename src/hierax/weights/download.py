@@ -96,7 +96,9 @@ def _stream(entry: WeightsEntry, out, progress: bool) -> str:
         with urllib.request.urlopen(request, timeout=60) as response:
             expected = int(response.headers.get("Content-Length") or 0)
             received = 0
-            with tqdm(total=expected or None, unit="B", unit_scale=True, desc=entry.filename, disable=not progress) as bar:
+            with tqdm(
+                total=expected or None, unit="B", unit_scale=True, desc=entry.filename, disable=not progress
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)

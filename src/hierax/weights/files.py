@@ -11,8 +11,8 @@ import json
 import pickle
 import re
 import zipfile
-from importlib.metadata import version as package_version
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
@@ -123,7 +123,9 @@ def _read_pt(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is corrupt or truncated and cannot be read. Download it again.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({first}). Download it again.") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated and cannot be read ({first}). Download it again."
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if "state" in obj:
@@ -144,9 +146,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw_meta = handle.metadata() or {}
-            state = {k: handle.get_tensor(k) for k in handle.keys()}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({err}). Download it again.") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated and cannot be read ({err}). Download it again."
+        ) from None
     meta = {}
     for key, value in raw_meta.items():
         try:
@@ -176,7 +180,9 @@ def read_checkpoint(path: str | Path, network: str | None = None) -> tuple[dict[
         raise CheckpointError(f"{path} is empty (0 bytes). Download it again.")
     state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
     state = convert_state_dict(state)
-    network = network or meta.get("network") or network_from_filename(path.name) or infer_network(state, meta.get("config"))
+    network = (
+        network or meta.get("network") or network_from_filename(path.name) or infer_network(state, meta.get("config"))
+    )
     class_to_idx = meta.get("class_to_idx")
     num_outputs = _num_outputs(state, meta)
     if not class_to_idx or len(class_to_idx) != num_outputs:
@@ -199,7 +205,9 @@ def network_from_filename(filename: str) -> str | None:
     """The longest known network name that `filename` starts with (e.g. 'hieradet_d_small_dino-v2.pt')."""
     from hierax.models import list_networks
 
-    matches = [n for n in list_networks() if filename == n or filename.startswith(n + "_") or filename.startswith(n + ".")]
+    matches = [
+        n for n in list_networks() if filename == n or filename.startswith(n + "_") or filename.startswith(n + ".")
+    ]
     return max(matches, key=len) if matches else None
 
 
@@ -239,15 +247,15 @@ _FLAT_RENAMES = [
 def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map SAM 2 (`image_encoder.trunk.*`, `mlp.layers.0/1`) and timm `sam2_hiera_*` (`mlp.fc1/fc2`,
     `head.fc`) state dicts to hierax names; hierax/reference dicts pass through unchanged. Other SAM 2 parts
-    (neck, decoders) are dropped; SAM 2 has no final LayerNorm, so an identity one is added. Flat `blocks.{i}` are split into stages where a block has a `proj`
-    (the first block of stages 2-4)."""
+    (neck, decoders) are dropped; SAM 2 has no final LayerNorm, so an identity one is added. Flat `blocks.{i}` are split
+    into stages where a block has a `proj` (the first block of stages 2-4)."""
     if any(k.startswith("body.") for k in state):
         return state
     trunk = {}
     for key, value in state.items():
         for prefix in _SAM2_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         if key.startswith(("pos_embed", "patch_embed.", "blocks.", "head.")):
             trunk[key] = value
     if not any(k.startswith("blocks.") for k in trunk):
