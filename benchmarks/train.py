@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from hierax.data.datasets import load_labelled
+from hierax.distributed import init_distributed, seed_everything
 from hierax.models import create_model
-from hierax.training.engine import Engine, TrainConfig, init_distributed, seed_everything
+from hierax.training.engine import Engine, TrainConfig
 from hierax.training.supervised import FineTuneConfig, SupervisedStage
 
 NUM_CLASSES = 10

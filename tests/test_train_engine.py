@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from hierax.distributed import seed_everything
 from hierax.errors import CheckpointError
 from hierax.models import create_model
-from hierax.training.engine import Engine, Stage, TrainConfig, seed_everything
+from hierax.training.engine import Engine, Stage, TrainConfig
 from hierax.training.loader import atomic_torch_save
 
 

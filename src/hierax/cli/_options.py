@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from hierax.errors import HieraxError
-from hierax.inference.predict import DEFAULT_MODEL
+from hierax.weights.catalog import DEFAULT_MODEL
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +49,6 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         "progress": not args.quiet,
         "backend": args.backend,
     }
-
-
-def is_main_rank() -> bool:
-    """True outside torchrun and on its rank 0."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hierax.cli._options import add_model_options, is_main_rank, model_kwargs
+from hierax.cli._options import add_model_options, model_kwargs
+from hierax.distributed import is_main_rank
 from hierax.inference.predict import STAGES, embed
 
 COMMAND = "embed"

@@ -6,8 +6,9 @@ import argparse
 import csv
 import sys
 
-from hierax.cli._options import add_model_options, is_main_rank, model_kwargs
+from hierax.cli._options import add_model_options, model_kwargs
 from hierax.data.taxonomy import RANKS
+from hierax.distributed import is_main_rank
 from hierax.inference.predict import predict
 
 COMMAND = "predict"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, is_main_rank, json_object, system_kwargs
+from hierax.cli._options import add_system_options, json_object, system_kwargs
+from hierax.distributed import is_main_rank
 from hierax.errors import HieraxError
 from hierax.training.dino_v2 import DinoConfig, pretrain
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from hierax.errors import HieraxError
-from hierax.serve import DEFAULT_MODEL, serve
+from hierax.serve import serve
+from hierax.weights.catalog import DEFAULT_MODEL
 
 COMMAND = "serve"
 HELP = "serve a model over HTTP: POST /v1/classify, /v1/embed, and a web page at /"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hierax.cli._options import add_system_options, is_main_rank, json_object, system_kwargs
+from hierax.cli._options import add_system_options, json_object, system_kwargs
+from hierax.distributed import is_main_rank
 from hierax.training.augment import AUGMENTS
 from hierax.training.engine import TrainConfig
 from hierax.training.supervised import FineTuneConfig, train_classifier

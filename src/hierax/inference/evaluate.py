@@ -22,8 +22,10 @@ from matplotlib.figure import Figure
 from hierax.data.datasets import LabelledData, load_labelled
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, top_k
 from hierax.errors import HieraxError
-from hierax.inference.predict import DEFAULT_MODEL, ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.inference.metrics import topk_correct
+from hierax.inference.predict import ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.transforms import classification_transform
+from hierax.weights.catalog import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +108,6 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> None:
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def topk_correct(top, labels):
-    """Top-1 and top-k hits per sample from best-first predictions (N, k) and labels (N,), as NumPy arrays or
-    tensors (training's per-epoch validation counts with this too)."""
-    hits = top == labels[:, None]
-    return hits[:, 0], hits.any(1)
 
 
 def compute_metrics(

@@ -19,23 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hierax.data.datasets import ImageDataset, collate_samples
 from hierax.data.sources import expand_sources
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, restrict, top_k
+from hierax.distributed import close_distributed, default_device, init_distributed
 from hierax.errors import HieraxError
 from hierax.inference import writers
 from hierax.inference.classification import bf16_autocast, device_and_dtype, infer_batch
 from hierax.transforms import classification_transform, five_crop_views
+from hierax.weights.catalog import DEFAULT_MODEL
 from hierax.weights.files import ModelInfo
 from hierax.weights.load import load_pretrained_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "hieradet_d_small_dino-v2-inat21"
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 ModelSpec = str | os.PathLike | tuple[torch.nn.Module, ModelInfo]
 
@@ -85,13 +85,6 @@ class RunSummary:
         return text
 
 
-def default_device() -> torch.device:
-    """CUDA (this rank's GPU under torchrun) when available, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def resolve_model(
     model: ModelSpec,
     *,
@@ -112,8 +105,8 @@ def resolve_model(
 
         if isinstance(size, int):
             size = (size, size)
-        return load_with_backend(model, backend, device=device or default_device(), size=size)
-    return load_pretrained_model(model, inference=True, device=device or default_device(), new_size=size)
+        return load_with_backend(model, backend, device=default_device(device), size=size)
+    return load_pretrained_model(model, inference=True, device=default_device(device), new_size=size)
 
 
 def make_loader(
@@ -254,24 +247,6 @@ def prediction_rows(
     return rows
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-
-def _init_distributed() -> _Dist:
-    """Join the torchrun group (gloo: only barriers and counts travel) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
-
-
 def _shard_name(path: Path, tag: str, rank: int) -> Path:
     return path.with_name(f"{path.stem}-{tag}{rank}{path.suffix}")
 
@@ -304,26 +279,27 @@ def _run(
 ) -> RunSummary:
     """The loop shared by predict and embed: sources -> loader -> forward -> rows -> writers, sharded by rank."""
     start = time.perf_counter()
-    ddp = _init_distributed()
+    # Only barriers and counts travel between ranks, and a rank may wait hours for the slowest one.
+    ddp = init_distributed("cpu", backend="gloo", timeout=datetime.timedelta(hours=12))
     try:
         paths = expand_sources(sources)
-        if ddp.world > 1 and output is None:
+        if ddp.world_size > 1 and output is None:
             raise HieraxError("under torchrun, give an --output file: every rank writes its own part")
         net, info = resolve_model(model, device=device, size=size, backend=backend)
         columns, context = columns_for(info)
         output = Path(output) if output is not None else None
-        my_output = _shard_name(output, "rank", ddp.rank) if output is not None and ddp.world > 1 else output
+        my_output = _shard_name(output, "rank", ddp.rank) if output is not None and ddp.world_size > 1 else output
         errors_path = Path(errors_output) if errors_output else (default_errors_path(output) if output else None)
-        my_errors = _shard_name(errors_path, "rank", ddp.rank) if errors_path and ddp.world > 1 else errors_path
+        my_errors = _shard_name(errors_path, "rank", ddp.rank) if errors_path and ddp.world_size > 1 else errors_path
         done: set[str] = set()
         if resume and output is not None:
             done = writers.done_paths(output)
-            for rank in range(ddp.world if ddp.world > 1 else 0):
+            for rank in range(ddp.world_size if ddp.world_size > 1 else 0):
                 done |= writers.done_paths(_shard_name(output, "rank", rank))
         todo = [p for p in paths if p not in done]
-        if ddp.world > 1:
-            dist.barrier()  # every rank has read the same `done` before any rank writes again
-        mine = todo[ddp.rank :: ddp.world]
+        if ddp.world_size > 1:
+            ddp.barrier()  # every rank has read the same `done` before any rank writes again
+        mine = todo[ddp.rank :: ddp.world_size]
         pin = device_and_dtype(net)[0].type == "cuda"
         transform = classification_transform(info.size, info.rgb_stats)
         loader = make_loader(mine, transform, batch_size=batch_size, workers=workers, pin_memory=pin)
@@ -363,24 +339,22 @@ def _run(
                 writer.close()
             if errors:
                 errors.close()
-        if ddp.world > 1:
-            counts = torch.tensor([succeeded, failed], dtype=torch.int64)
-            dist.all_reduce(counts)
+        if ddp.world_size > 1:
+            counts = ddp.all_reduce_sum(torch.tensor([succeeded, failed], dtype=torch.int64))
             succeeded, failed = (int(v) for v in counts)
-            dist.barrier()
+            ddp.barrier()
             if ddp.rank == 0:
-                shards = [_shard_name(output, "rank", r) for r in range(ddp.world)]
+                shards = [_shard_name(output, "rank", r) for r in range(ddp.world_size)]
                 writers.merge_outputs(shards, output, columns, paths, resume=resume)
-                _merge_errors([_shard_name(errors_path, "rank", r) for r in range(ddp.world)], errors_path, paths)
-            dist.barrier()
+                _merge_errors([_shard_name(errors_path, "rank", r) for r in range(ddp.world_size)], errors_path, paths)
+            ddp.barrier()
         seconds = time.perf_counter() - start
         summary = RunSummary(len(paths), succeeded, failed, len(paths) - len(todo), seconds, output, errors_path)
         summary.rows, summary.errors = in_memory, failures
         logger.debug("%s", summary.line())
         return summary
     finally:
-        if ddp.owns_group:
-            dist.destroy_process_group()
+        close_distributed(ddp)
 
 
 def _merge_errors(shards: list[Path], target: Path, order: Sequence[str]) -> None:

@@ -9,10 +9,10 @@ import torch
 
 from hierax.serve.app import ServedModel, create_app
 from hierax.serve.batcher import MicroBatcher
+from hierax.weights.catalog import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "hieradet_d_small_dino-v2-inat21"
 MAX_CONNECTIONS = 256
 
 
@@ -61,4 +61,4 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=MAX_CONNECTIONS, server_header=False)
 
 
-__all__ = ["DEFAULT_MODEL", "MicroBatcher", "ServedModel", "create_app", "model_display_name", "serve"]
+__all__ = ["MicroBatcher", "ServedModel", "create_app", "model_display_name", "serve"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from hierax.data.datasets import ImageDataset, load_labelled
 from hierax.data.sources import expand_sources
+from hierax.distributed import DistInfo, init_distributed
 from hierax.errors import HieraxError
 from hierax.models import create_model
 from hierax.models.hieradet import HieraDet
@@ -45,7 +46,7 @@ from hierax.training.dino_data import (
 from hierax.training.dino_heads import DINOHead
 from hierax.training.dino_losses import TeacherTargets, dino_loss, ibot_loss, koleo_loss, teacher_entropy
 from hierax.training.dino_monitor import CollapseMonitor, KnnProbe, feature_spread
-from hierax.training.engine import DistInfo, Engine, Stage, StepContext, TrainConfig, init_distributed
+from hierax.training.engine import Engine, Stage, StepContext, TrainConfig
 
 logger = logging.getLogger(__name__)
 

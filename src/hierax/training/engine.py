@@ -7,10 +7,10 @@ model EMA, checkpoints, exact resume and the metrics log.
 API
 ---
     config = TrainConfig(output_dir=..., epochs=..., batch_size=..., lr=..., ...)   # see the field comments
-    dist = init_distributed()            # torchrun env (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, nccl on CUDA
-    seed_everything(config.seed)         # before building the stage, so its model's init is reproducible
+    dist = init_distributed()            # hierax.distributed: torchrun env; gloo on CPU, nccl on CUDA
+    seed_everything(config.seed)         # hierax.distributed: before building the stage (reproducible init)
     history = Engine(stage, config, dist).fit()     # -> list of metric records (also in metrics.jsonl)
-    close_distributed()                  # leave the process group (no-op in a single process)
+    close_distributed(dist)              # leave the process group (no-op in a single process)
 
     class MyStage(Stage):                # override what the stage needs; defaults in brackets
         model: nn.Module                 # required: the trainable module (engine moves it, wraps it in DDP)
@@ -62,10 +62,9 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hierax.distributed import DistInfo, init_distributed, seed_everything
 from hierax.errors import CheckpointError, HieraxError
 from hierax.training import optim
 from hierax.training.loader import (
@@ -127,70 +127,6 @@ class TrainConfig:
         self.output_dir = Path(self.output_dir)
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
             raise HieraxError("epochs, batch size and accumulation steps must be at least 1")
-
-
-@dataclass
-class DistInfo:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of `tensor` (a new tensor; itself when single-process)."""
-        if not self.enabled:
-            return tensor
-        out = tensor.detach().clone().to(self.device)
-        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
-        return out.to(tensor.device)
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of `tensor`."""
-        return self.all_reduce_sum(tensor) / self.world_size if self.enabled else tensor
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch_dist.barrier()
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); quiet non-zero ranks."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    if rank != 0:
-        logging.getLogger("hierax").setLevel(logging.WARNING)
-    return DistInfo(rank, world_size, local_rank, dev)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, Python and NumPy; call it before building a stage so its model's init is reproducible."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def close_distributed() -> None:
-    """Leave the process group that init_distributed joined (a no-op in a single-process run)."""
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
 
 
 class ModelEMA:

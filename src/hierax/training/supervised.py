@@ -26,21 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from hierax.data.datasets import ImageDataset, LabelledData, collate_samples, load_labelled
+from hierax.distributed import close_distributed, init_distributed, seed_everything
 from hierax.errors import CheckpointError, HieraxError
-from hierax.inference.evaluate import topk_correct
+from hierax.inference.metrics import topk_correct
 from hierax.models import HieraDet, create_model
 from hierax.models.hieradet import HieraDetConfig
 from hierax.training import optim
 from hierax.training.augment import BatchMix, auto_mix_prob, auto_strength, training_transform
-from hierax.training.engine import (
-    Engine,
-    Stage,
-    StepContext,
-    TrainConfig,
-    close_distributed,
-    init_distributed,
-    seed_everything,
-)
+from hierax.training.engine import Engine, Stage, StepContext, TrainConfig
 from hierax.transforms import classification_transform, normalize_stats
 from hierax.weights.files import ModelInfo
 
@@ -258,5 +251,5 @@ def train_classifier(options: FineTuneConfig, config: TrainConfig) -> TrainResul
     try:
         history = Engine(stage, config, dist).fit()
     finally:
-        close_distributed()
+        close_distributed(dist)
     return TrainResult(config.output_dir / "model.pt", history, stage.info())

@@ -14,6 +14,7 @@ from huggingface_hub import hf_hub_url
 from hierax.errors import ModelNotFoundError
 
 _HF_ORG = "birder-project"
+DEFAULT_MODEL = "hieradet_d_small_dino-v2-inat21"  # what predict, evaluate, embed and serve use unless told
 
 
 @dataclass(frozen=True)
