@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help="registry name or checkpoint path (default: %(default)s)"
     )
     parser.add_argument(
-        "--name", help="the name /v1/models and answers give the model (default: the registry name or file stem)"
+        "--name",
+        help="the name /v1/models and answers give the model (default: the registry name or the file stem; for a "
+        "model.pt, its run folder)",
     )
     add_size_option(parser, "input size (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
