@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hierax.data.datasets import ImageDataset, PathTable, collate_samples, load_labelled
+from hierax.data.datasets import ImageDataset, PathTable, collate_samples, default_workers, load_labelled
 from hierax.data.images import decode_image
 from hierax.errors import HieraxError
 from tests.data_fixtures import CLASS_NAMES, COMMON_NAMES, make_inat_dataset, write_bad_files, write_image
@@ -105,3 +106,26 @@ def test_all_bad_batch_and_transform_failure(tmp_path):
 def test_labels_length_mismatch():
     with pytest.raises(HieraxError):
         ImageDataset(["a.jpg"], labels=np.array([0, 1]))
+
+
+def test_metadata_travels_with_its_image_through_the_loader(tmp_path):
+    bad = write_bad_files(tmp_path / "bad")
+    good = [str(write_image(tmp_path / f"good{i}.png", i)) for i in range(2)]
+    paths = [good[0], next(iter(bad)), good[1]]
+    meta = [{"latitude": 51.5}, {"latitude": 0.0}, {"latitude": -33.9, "date": "2024-05-01"}]
+    batches = list(DataLoader(ImageDataset(paths, meta=meta), batch_size=3, collate_fn=collate_samples))
+    assert batches[0]["meta"] == [meta[0], meta[2]] and batches[0]["paths"] == good
+    assert collate_samples([ImageDataset(good)[0]])["meta"] == [{}]
+    with pytest.raises(HieraxError, match="metadata rows"):
+        ImageDataset(good, meta=meta)
+
+
+def test_default_workers_follow_the_cpus_and_the_ranks(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert default_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 1

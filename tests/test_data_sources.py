@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hierax.data.sources import expand_sources, read_path_list
+from hierax.data.sources import expand_sources, find_images, read_path_list
 from hierax.errors import HieraxError
 from tests.data_fixtures import write_image
 
@@ -64,3 +64,18 @@ def test_missing_source_raises(tree):
 
 def test_glob_without_matches_is_empty(tree):
     assert expand_sources([os.path.join(tree, "*.zzz")]) == []
+
+
+def test_one_file_by_two_spellings_is_listed_once(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    got = expand_sources(["b/2.jpg", "./b/../b/2.jpg", str(tree / "b" / "2.jpg"), "b", "b/*.jpg", "./b/"])
+    assert got == ["b/2.jpg", "b/1.PNG"]
+
+
+def test_no_images_names_the_sources(tree, caplog):
+    (tree / "empty").mkdir()
+    with pytest.raises(HieraxError) as raised:
+        find_images([tree / "empty", str(tree / "a" / "*.zzz")])
+    assert str(raised.value).startswith(f"no images found in {tree / 'empty'}, {tree / 'a' / '*.zzz'} (")
+    assert f"folder {tree / 'empty'} holds no image files" in caplog.text
+    assert find_images(tree / "b") == [str(tree / "b/1.PNG"), str(tree / "b/2.jpg")]

@@ -1,5 +1,7 @@
 """`hierax predict --backend`: ONNX Runtime and TorchScript give the torch backend's predictions."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,12 @@ def _probs(summary):
 def test_backends_match_torch(setup, hierax_home, backend):
     ckpt, photos = setup
     base = predict([photos], ckpt, top_k=4, workers=0, progress=False)
+    start = time.perf_counter()
     other = predict([photos], ckpt, top_k=4, workers=0, progress=False, backend=backend)
+    wall = time.perf_counter() - start
+    # The first run exports the checkpoint: that time is the model's loading, not the images'.
+    assert other.load_seconds > 0 and other.seconds > 0 and other.load_seconds + other.seconds <= wall
+    assert other.images_per_s == pytest.approx(3 / other.seconds) and "model loaded in" in other.line()
     assert [r["label_1"] for r in other.rows] == [r["label_1"] for r in base.rows]
     assert np.abs(_probs(other) - _probs(base)).max() < 1e-4
     exports = list((hierax_home / "exports").iterdir())

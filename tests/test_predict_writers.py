@@ -85,3 +85,52 @@ def test_time_based_flush(tmp_path, monkeypatch):
     writer.write(rows(1, 2))
     assert writers.done_paths(out) == {"img0.jpg", "img1.jpg"}
     writer.close()
+
+
+def _paths(rows_):
+    return [r["path"] for r in rows_]
+
+
+def _state(out):
+    """The unfinished state of an output: its .partial file or its .parts folder."""
+    return writers.partial_path(out) if out.suffix in (".csv", ".jsonl") else writers.parts_dir(out)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_the_final_name_only_ever_holds_a_complete_output(tmp_path, suffix):
+    out = tmp_path / f"pred{suffix}"
+    writer = writers.open_writer(out, COLUMNS, chunk_size=1)
+    writer.write(rows(0, 2))
+    assert not out.exists() and _state(out).exists()  # finished chunks are on disk, beside the final name
+    writer.close()
+    assert _paths(writers.read_rows(out)) == ["img0.jpg", "img1.jpg"] and not _state(out).exists()
+    with pytest.raises(KeyboardInterrupt), writers.open_writer(out, COLUMNS, resume=True, chunk_size=1) as again:
+        again.write(rows(2, 4))
+        raise KeyboardInterrupt
+    assert _paths(writers.read_rows(out)) == ["img0.jpg", "img1.jpg"]  # the last complete version stays
+    assert writers.done_paths(out) == {f"img{i}.jpg" for i in range(4)}
+    with writers.open_writer(out, COLUMNS, resume=True, chunk_size=1) as last:
+        last.write(rows(4, 5))
+    assert _paths(writers.read_rows(out)) == [f"img{i}.jpg" for i in range(5)] and not _state(out).exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resume_continues_a_failed_fresh_run_not_the_older_output(tmp_path, suffix):
+    out = tmp_path / f"pred{suffix}"
+    with writers.open_writer(out, COLUMNS) as old:
+        old.write(rows(0, 3))
+    with pytest.raises(RuntimeError), writers.open_writer(out, COLUMNS, chunk_size=1) as fresh:
+        fresh.write(rows(10, 12))
+        raise RuntimeError("killed")
+    assert writers.done_paths(out) == {"img10.jpg", "img11.jpg"}
+    with writers.open_writer(out, COLUMNS, resume=True) as resumed:
+        resumed.write(rows(12, 13))
+    assert _paths(writers.read_rows(out)) == ["img10.jpg", "img11.jpg", "img12.jpg"]
+
+
+def test_errors_file_is_published_even_when_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError), writers.ErrorsWriter(tmp_path / "err.csv") as errs:
+        errs.write([("a.jpg", "truncated image")])
+        raise RuntimeError("killed")
+    assert writers.read_errors(tmp_path / "err.csv") == [("a.jpg", "truncated image")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err.csv"]

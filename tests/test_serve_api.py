@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from hierax.inference.classification import infer_image
-from hierax.serve import create_app
+from hierax.serve import create_app, model_display_name
 from hierax.transforms import classification_transform
 from tests.serve_support import CLASS_NAMES, COMMON_NAMES, bomb_png, chelsea_jpeg, encode, tiny_model
 
@@ -229,3 +229,10 @@ def test_concurrent_requests_share_forward_passes(model, chelsea):
     assert len({tuple(p["index"] for p in r.json()["predictions"]) for r in responses}) == 1
     stats = app.state.model.batcher.stats
     assert (stats.batches, stats.items, stats.largest) == (2, 8, 4)
+
+
+def test_served_names_say_which_model():
+    assert model_display_name("runs/birds/model.pt") == "birds"  # what `hierax train --output-dir runs/birds` wrote
+    assert model_display_name("exports/tiny-inat.safetensors") == "tiny-inat"
+    assert model_display_name("hieradet_small_dino-v2-inat21") == "hieradet_small_dino-v2-inat21"
+    assert model_display_name("model.pt") == "model"

@@ -1,21 +1,23 @@
 """Options shared by subcommands: the model options of predict / embed / evaluate, and the system options of
-train / pretrain."""
+train / pretrain. Torch-free: every subcommand imports this when the parser is built."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from hierax.errors import HieraxError
+from hierax.sizes import add_size_option, size_from
 from hierax.weights.catalog import DEFAULT_MODEL
+
+WORKERS_HELP = "decoding processes (default: min(4, CPUs, shared among the ranks of a machine))"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --size, --batch-size, --workers, --device, --amp, --tta, --quiet, --backend."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path ({DEFAULT_MODEL})")
-    parser.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), help="input size (default: the model's)")
+    add_size_option(parser, "input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
-    parser.add_argument("--workers", type=int, help="decoding processes (default: min(4, CPU count))")
+    parser.add_argument("--workers", type=int, help=WORKERS_HELP)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if any, else CPU)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: 5 crops, averaged")
@@ -28,24 +30,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def size_of(args: argparse.Namespace) -> tuple[int, int] | None:
-    """The --size value as (H, W): one number means a square."""
-    if not args.size:
-        return None
-    if len(args.size) > 2:
-        raise HieraxError("--size takes H or H W")
-    return (args.size[0], args.size[-1])
-
-
 def model_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments of predict / embed / evaluate from the shared options."""
+    """Keyword arguments of predict / embed / evaluate from the shared options; HieraxError for a bad --size
+    (checked here, before anything loads)."""
     return {
         "batch_size": args.batch_size,
         "workers": args.workers,
         "device": args.device,
         "amp": args.amp,
         "tta": args.tta,
-        "size": size_of(args),
+        "size": size_from(args.size),
         "progress": not args.quiet,
         "backend": args.backend,
     }
@@ -58,7 +52,7 @@ def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
     system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
     system.add_argument("--compile", action="store_true", help=f"torch.compile the {compiled}")
     system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    system.add_argument("--workers", type=int, help=WORKERS_HELP)
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
     system.add_argument(
@@ -71,12 +65,15 @@ def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
 
 def system_kwargs(args: argparse.Namespace) -> dict:
     """TrainConfig keyword arguments from the system options, plus --accum-steps and --resume."""
+    # imported here: keeps hierax --help fast (this runs inside train's and pretrain's run())
+    from hierax.data.datasets import default_workers
+
     return {
         "accum_steps": args.accum_steps,
         "amp": False if args.no_amp else None,
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,
-        "num_workers": args.workers,
+        "num_workers": default_workers() if args.workers is None else args.workers,
         "seed": args.seed,
         "log_every": args.log_every,
         "checkpoint_every": args.checkpoint_every,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from hierax.cli._options import add_model_options, model_kwargs
-from hierax.inference.evaluate import evaluate, format_summary
 
 COMMAND = "evaluate"
 HELP = "measure accuracy and calibration on a labelled dataset (class folders, iNat21 JSON or CSV)"
@@ -21,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = model_kwargs(args)
+    # imported here: keeps hierax --help fast
+    from hierax.inference.evaluate import evaluate, format_summary
+
     report = evaluate(
         args.dataset,
         args.model,
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         root=args.root,
         common_names=args.common_names,
         confusion_classes=args.confusion_classes,
-        **model_kwargs(args),
+        **options,
     )
     print(format_summary(report))
     return 0 if report["evaluated"] else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hierax.errors import HieraxError
-from hierax.serve import serve
+from hierax.sizes import add_size_option, size_from
 from hierax.weights.catalog import DEFAULT_MODEL
 
 COMMAND = "serve"
@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="registry name or checkpoint path (default: %(default)s)"
     )
+    parser.add_argument(
+        "--name",
+        help="the name /v1/models and answers give the model (default: the registry name or the file stem; for a "
+        "model.pt, its run folder)",
+    )
+    add_size_option(parser, "input size (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (default: %(default)s)")
@@ -42,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     if args.max_batch < 1:
         raise HieraxError(f"--max-batch must be at least 1, got {args.max_batch}")
+    size = size_from(args.size)
+    # imported here: keeps hierax --help fast
+    from hierax.serve import serve
+
     serve(
         args.model,
         host=args.host,
@@ -53,5 +63,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         common_names=args.common_names,
         log_level="debug" if args.verbose else "info",
+        name=args.name,
+        size=size,
     )
     return 0

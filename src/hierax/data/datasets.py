@@ -10,14 +10,17 @@ API:
         - a `.csv` of `path,label` (header optional; paths relative to `root`, default the CSV's folder).
         With `class_to_idx` (a model's), labels are mapped onto it and unknown class names raise HieraxError.
     LabelledData: .paths (sequence of str), .labels (int64 array), .class_to_idx, .class_names, .common_names
-    ImageDataset(paths, transform=None, labels=None) -> torch Dataset of dict samples:
-        {"index": int, "path": str, "image": Tensor | None, "label": int (-1 when unlabelled), "error": str | None}
+    ImageDataset(paths, transform=None, labels=None, meta=None) -> torch Dataset of dict samples:
+        {"index": int, "path": str, "image": Tensor | None, "label": int (-1 when unlabelled), "error": str | None,
+         "meta": dict (what the sources know about the image, e.g. per-row list columns; {} when nothing)}
         Decoding (`hierax.data.images.decode_image`) and `transform` (e.g. the resize and normalisation of
         `hierax.transforms.classification_transform`) run in the DataLoader workers. A file that cannot be decoded
         gives image=None and error=<reason> instead of an exception. `ImageDataset.from_labelled(data, transform)`.
     collate_samples(samples) -> dict batch for DataLoader(collate_fn=collate_samples):
         {"images": Tensor (N, ...) | None, "labels": LongTensor (N,), "indices": LongTensor (N,),
-         "paths": list[str] (N), "errors": list[(index, path, reason)]} where N counts the good samples only.
+         "paths": list[str] (N), "meta": list[dict] (N), "errors": list[(index, path, reason)]} where N counts the
+         good samples only.
+    default_workers() -> int: the number of decoding processes a job uses unless told (predict, train, ...).
 
 Paths are kept in a compact `PathTable` (one UTF-8 buffer plus offsets) so that DataLoader workers do not copy
 millions of Python strings on access.
@@ -29,7 +32,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,6 +188,17 @@ def load_labelled(
     raise HieraxError(f"unknown dataset format {path}: use a folder of class folders, an iNat21 .json or a .csv")
 
 
+def default_workers() -> int:
+    """Decoding processes per job unless told: min(4, the CPUs this process may use, shared among the torchrun
+    ranks of this machine), at least 1. More workers than CPUs only preempt the model's threads."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cpus // ranks_here))
+
+
 class ImageDataset(Dataset):
     """Decode + transform one image per item; failures come back as values (see the module docstring)."""
 
@@ -194,6 +208,7 @@ class ImageDataset(Dataset):
         transform: Transform | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         *,
+        meta: Sequence[Mapping] | None = None,
         max_pixels: int = MAX_PIXELS,
         min_side: int = MIN_SIDE,
     ) -> None:
@@ -201,6 +216,9 @@ class ImageDataset(Dataset):
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         if self.labels is not None and len(self.labels) != len(self.paths):
             raise HieraxError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        self.meta = meta
+        if meta is not None and len(meta) != len(self.paths):
+            raise HieraxError(f"{len(self.paths)} paths but {len(meta)} metadata rows")
         self.transform = transform
         self.max_pixels = max_pixels
         self.min_side = min_side
@@ -216,7 +234,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         path = self.paths[index]
         label = int(self.labels[index]) if self.labels is not None else -1
-        sample: Sample = {"index": index, "path": path, "image": None, "label": label, "error": None}
+        meta = dict(self.meta[index]) if self.meta is not None else {}
+        sample: Sample = {"index": index, "path": path, "image": None, "label": label, "error": None, "meta": meta}
         try:
             image = decode_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
         except ImageDecodeError as err:
@@ -240,6 +259,7 @@ def collate_samples(samples: list[Sample]) -> dict:
         "labels": torch.tensor([s["label"] for s in good], dtype=torch.long),
         "indices": torch.tensor([s["index"] for s in good], dtype=torch.long),
         "paths": [s["path"] for s in good],
+        "meta": [s.get("meta", {}) for s in good],
         "errors": [(s["index"], s["path"], s["error"]) for s in samples if s["error"] is not None],
     }
 
@@ -250,5 +270,6 @@ __all__ = [
     "LabelledData",
     "PathTable",
     "collate_samples",
+    "default_workers",
     "load_labelled",
 ]

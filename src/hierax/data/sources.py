@@ -2,6 +2,7 @@
 
 API:
     expand_sources(sources, *, recursive=True, extensions=IMAGE_EXTENSIONS) -> list[str]
+    find_images(sources, ...) -> list[str]: the same, but a HieraxError naming the sources when they hold no image
 
 Each source is, in turn:
 - an existing file with an image extension: kept as given;
@@ -13,7 +14,10 @@ Each source is, in turn:
 Relative paths in a list file are resolved against the list file's folder when they exist there, otherwise kept
 as written (relative to the working directory). Missing files named in a list stay in the output so the run
 reports them as errors. A command-line source that names nothing at all raises HieraxError, since it is a typo,
-not a bad photo. Order follows the sources; duplicates keep their first position.
+not a bad photo; a folder or pattern that holds no image is logged by name. Order follows the sources; a file
+named twice, by the same or another spelling (`photos/a.jpg`, `./photos/../photos/a.jpg`, or via a folder and a
+glob), keeps its first position and spelling. Spellings are compared as absolute, normalised paths (no file-system
+calls, so millions of paths stay cheap); two symbolic links to one file still count as two files.
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ def read_path_list(list_file: str | os.PathLike) -> list[str]:
 
 def _expand_one(source: str, recursive: bool, extensions: frozenset[str]) -> Iterator[str]:
     if os.path.isdir(source):
-        yield from _walk_folder(source, recursive, extensions)
+        found = _walk_folder(source, recursive, extensions)
+        if not found:
+            logger.warning("folder %s holds no image files (%s)", source, ", ".join(sorted(extensions)))
+        yield from found
     elif os.path.isfile(source):
         suffix = os.path.splitext(source)[1].lower()
         if suffix in LIST_EXTENSIONS | CSV_EXTENSIONS:
@@ -117,8 +124,32 @@ def expand_sources(
     paths: list[str] = []
     for source in sources:
         for path in _expand_one(os.fspath(source), recursive, exts):
-            if path not in seen:
-                seen.add(path)
+            key = _same_file_key(path)
+            if key not in seen:
+                seen.add(key)
                 paths.append(path)
     logger.debug("expanded %d source(s) into %d path(s)", len(sources), len(paths))
+    return paths
+
+
+def _same_file_key(path: str) -> str:
+    """One key for every spelling of a path: absolute and normalised (`a/../a/x.jpg` is `a/x.jpg`)."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def find_images(
+    sources: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    recursive: bool = True,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> list[str]:
+    """expand_sources for a job that needs images: a HieraxError naming the sources when they hold none, so the
+    job stops before it loads a model or writes a file."""
+    named = [os.fspath(s) for s in ([sources] if isinstance(sources, str | os.PathLike) else list(sources))]
+    extensions = list(extensions)
+    paths = expand_sources(named, recursive=recursive, extensions=extensions)
+    if not paths:
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        kinds = ", ".join(sorted(extensions))
+        raise HieraxError(f"no images found in {shown or 'the inputs'} (image files end in {kinds})")
     return paths

@@ -1,20 +1,23 @@
-"""Single-image and batch inference: probabilities and, on request, embeddings, with optional test-time
-augmentation (five crops at 0.8 of the size, resized back, softmax averaged)."""
+"""Single-image and batch inference: probabilities and, on request, embeddings or pooled stage features, with
+optional test-time augmentation (five crops at 0.8 of the size, resized back, outputs averaged), and the check
+that a model has a classifier at all."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from hierax.data.images import ImageSource, load_image, to_rgb
+from hierax.errors import HieraxError
 from hierax.models.hieradet import native_half_dtypes
 from hierax.transforms import five_crop_views
+from hierax.weights.files import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,45 @@ def bf16_autocast(device: torch.device, amp: bool) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _forward(net: torch.nn.Module, x: torch.Tensor, return_embedding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if return_embedding:
-        emb = net.embedding(x)
-        return net.classify(emb), emb
-    return net(x), None
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+def require_classifier(info: ModelInfo, purpose: str) -> None:
+    """HieraxError unless the model has a classifier: a backbone (num_classes 0, what `hierax pretrain` writes,
+    or a registry backbone) gives embeddings, not species, so a job that needs species stops before any work."""
+    if info.num_classes == 0:
+        raise HieraxError(
+            f"this model ({info.network}) is a backbone without a classifier, so it cannot {purpose}: use "
+            "`hierax embed` for its embeddings, or `hierax train DATA --init-from MODEL` to train a classifier on it"
+        )
+
+
+def check_stages(stages: Sequence[str]) -> list[str]:
+    """The stage names as a list; HieraxError for a name that is not one of STAGES."""
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise HieraxError(f"unknown feature stage(s) {bad}; choose from {', '.join(STAGES)}")
+    return list(stages)
+
+
+def average_over_views(
+    forward: Callable[[torch.Tensor], Sequence[torch.Tensor]], x: torch.Tensor, tta: bool
+) -> list[torch.Tensor]:
+    """Each output of forward(x), as float32; with tta, averaged over the five-crop views of x instead (the one
+    test-time augmentation rule of infer_batch, infer_stages, predict and serve). The views are cut before
+    forward runs, outside any autocast it opens."""
+    views = five_crop_views(x) if tta else [x]
+    sums: list[torch.Tensor] | None = None
+    for view in views:
+        outputs = [out.float() for out in forward(view)]
+        sums = outputs if sums is None else [total + out for total, out in zip(sums, outputs, strict=True)]
+    return [total / len(views) for total in sums]
+
+
+def _on_device(net, inputs: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+    """The net's device, and the batch moved there in the net's floating dtype (float32 for integer runners)."""
+    device, dtype = device_and_dtype(net)
+    return device, inputs.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
 
 
 def infer_batch(
@@ -63,21 +100,40 @@ def infer_batch(
     """Class probabilities (B, C) and optionally embeddings (B, E) for a normalised (B, 3, H, W) batch.
 
     The batch is moved to the net's device and dtype. amp runs under bf16 autocast; outputs are float32."""
-    device, dtype = device_and_dtype(net)
-    x = inputs.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
-    views = five_crop_views(x) if tta else [x]
-    probs_sum, emb_sum = None, None
-    with torch.inference_mode(), bf16_autocast(device, amp):
-        for view in views:
-            logits, emb = _forward(net, view, return_embedding)
-            probs = torch.softmax(logits.float(), dim=1)
-            probs_sum = probs if probs_sum is None else probs_sum + probs
-            if emb is not None:
-                emb = emb.float()
-                emb_sum = emb if emb_sum is None else emb_sum + emb
-    probs_out = (probs_sum / len(views)).cpu().numpy()
-    emb_out = (emb_sum / len(views)).cpu().numpy() if emb_sum is not None else None
-    return probs_out, emb_out
+    device, x = _on_device(net, inputs)
+
+    def forward(view: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with bf16_autocast(device, amp):
+            if not return_embedding:
+                return (torch.softmax(net(view).float(), dim=1),)
+            emb = net.embedding(view)
+            return torch.softmax(net.classify(emb).float(), dim=1), emb
+
+    with torch.inference_mode():
+        outputs = [out.cpu().numpy() for out in average_over_views(forward, x, tta)]
+    return outputs[0], outputs[1] if return_embedding else None
+
+
+def infer_stages(
+    net: torch.nn.Module, inputs: torch.Tensor, stages: Sequence[str], *, tta: bool = False, amp: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Probabilities, embeddings and the spatially pooled features of `stages` (e.g. ["stage1", "stage4"]) in one
+    pass; torch models only (exported graphs give logits and embeddings)."""
+    if not hasattr(net, "forward_stages"):
+        raise HieraxError("stage features need the torch backend (exported graphs give logits and embeddings)")
+    device, x = _on_device(net, inputs)
+    positions = [STAGES.index(name) for name in check_stages(stages)]
+
+    def forward(view: torch.Tensor) -> list[torch.Tensor]:
+        with bf16_autocast(device, amp):
+            maps = net.forward_stages(view)
+            emb = net.forward_head(maps[-1], pre_logits=True)
+            pooled = [maps[i].float().mean(dim=(1, 2)) for i in positions]
+            return [torch.softmax(net.classify(emb).float(), dim=1), emb, *pooled]
+
+    with torch.inference_mode():
+        probs, emb, *pooled = [out.cpu().numpy() for out in average_over_views(forward, x, tta)]
+    return probs, emb, dict(zip(stages, pooled, strict=True))
 
 
 def infer_image(

@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from hierax.atomic import atomic_write
 from hierax.data.datasets import LabelledData, load_labelled
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, top_k
 from hierax.errors import HieraxError
+from hierax.inference.classification import require_classifier
+from hierax.inference.loading import ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.inference.metrics import topk_correct
-from hierax.inference.predict import ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
 
@@ -88,7 +91,7 @@ def plot_confusion(
     ax.set_title(f"Confusion matrix (top {len(chosen)} classes, row-normalised)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     return [class_names[c] for c in chosen]
 
 
@@ -107,7 +110,7 @@ def plot_reliability(table: list[dict], ece: float, path: Path) -> None:
     ax.set_title(f"Reliability diagram, ECE = {ece:.4f}")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def compute_metrics(
@@ -183,6 +186,29 @@ def map_labels(data: LabelledData, taxonomy: Taxonomy) -> np.ndarray:
     return lut[data.labels]
 
 
+def write_report(
+    report: dict,
+    out: Path,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    class_names: Sequence[str],
+    confusion_classes: int = 20,
+) -> None:
+    """Write report.json, summary.txt and (when images were evaluated) the two PNG figures into `out`, each
+    atomically; `report["files"]` lists them."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if report["evaluated"]:
+        files = {"confusion_matrix": out / "confusion_matrix.png", "reliability": out / "reliability.png"}
+        plot_confusion(labels, preds, class_names, files["confusion_matrix"], confusion_classes)
+        plot_reliability(report["reliability"], report["ece"], files["reliability"])
+    files.update(report_json=out / "report.json", summary=out / "summary.txt")
+    report["files"] = {k: str(v) for k, v in files.items()}
+    text, summary = json.dumps(report, indent=2), format_summary(report) + "\n"
+    atomic_write(files["report_json"], lambda tmp: Path(tmp).write_text(text, "utf-8"))
+    atomic_write(files["summary"], lambda tmp: Path(tmp).write_text(summary, "utf-8"))
+
+
 def evaluate(
     dataset: str | os.PathLike,
     model: ModelSpec = DEFAULT_MODEL,
@@ -204,8 +230,13 @@ def evaluate(
     """Evaluate `model` on a labelled dataset (class folders, iNat21 JSON or CSV); returns the report dict and,
     with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there.
     common_names (JSON index -> name, or iNat21 JSON) lets dataset labels be common names."""
-    net, info = resolve_model(model, device=device, size=size, backend=backend)
+    # Inputs first, then the model: a dataset without images or a backbone stops before any image is read.
+    size = check_size(size) if size is not None else None
     data = load_labelled(dataset, root=root)
+    if len(data) == 0:
+        raise HieraxError(f"no images found in the dataset {dataset}")
+    net, info = resolve_model(model, device=device, size=size, backend=backend)
+    require_classifier(info, "be evaluated on species")
     names = load_common_names(common_names, info.class_names) if common_names else None
     model_labels = map_labels(data, Taxonomy(info.class_names, names))
     transform = classification_transform(info.size, info.rgb_stats)
@@ -233,19 +264,8 @@ def evaluate(
     report["failed"] = len(errors)
     report["errors"] = [{"path": p, "reason": r} for p, r in errors]
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {"confusion_matrix": out / "confusion_matrix.png", "reliability": out / "reliability.png"}
-        if report["evaluated"]:
-            preds = np.concatenate(top5)[:, 0]
-            matrix_png = files["confusion_matrix"]
-            plot_confusion(np.concatenate(labels), preds, info.class_names, matrix_png, confusion_classes)
-            plot_reliability(report["reliability"], report["ece"], files["reliability"])
-        else:
-            files = {}
-        files.update(report_json=out / "report.json", summary=out / "summary.txt")
-        report["files"] = {k: str(v) for k, v in files.items()}
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "summary.txt").write_text(format_summary(report) + "\n")
+        labels_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        preds = np.concatenate(top5)[:, 0] if top5 else np.zeros(0, dtype=np.int64)
+        write_report(report, Path(output_dir), labels_all, preds, info.class_names, confusion_classes)
     logger.debug("evaluation: top-1 %.4f top-5 %.4f on %d images", report["top1"], report["top5"], report["evaluated"])
     return report

@@ -1,19 +1,25 @@
 """Chunked, resumable output writers for predictions and embeddings, plus the errors file.
 
-- `.csv` and `.jsonl` are appended to and flushed after every chunk, so a crash or Ctrl-C keeps every finished
-  row; on resume a half-written last line is cut off first.
-- `.parquet` and `.npy` cannot be appended to, so each chunk becomes a complete Parquet part file in
-  `<output>.parts/`; `close()` merges the parts (and, on resume, the previous output) into the final file. A run
-  that dies leaves its parts, and `--resume` picks them up. `.npy` holds the `embedding` column as (N, D)
-  float32; its paths go to `<stem>.paths.txt` and other array columns to `<stem>.<column>.npy`.
-- `done_paths(output)` lists the paths already written (output plus parts), for `--resume`.
-- `ErrorsWriter` writes `path,reason` rows, flushed per row.
+The rule: a file under its final name is complete, or it is the previous complete version. Rows are written in
+chunks (every `chunk_size` rows or FLUSH_SECONDS), and a finished chunk is on disk (fsync) before the next one
+starts, so a crash or Ctrl-C keeps every finished row; the unfinished state lives beside the final name, and
+`close()` publishes it through `hierax.atomic.atomic_write`:
+- `.csv` and `.jsonl` (and the errors file) are appended to `<name>.partial`; close() publishes it as `<name>`.
+  On resume a half-written last line is cut off first.
+- `.parquet` and `.npy` cannot be appended to, so each chunk becomes a Parquet part file in `<name>.parts/`,
+  itself written atomically; close() merges the parts into the final file. `.npy` holds the `embedding` column
+  as (N, D) float32; its paths go to `<stem>.paths.txt` and other array columns to `<stem>.<column>.npy`.
+- The unfinished state, when there is one, is the newest: `--resume` continues it (a resumed run first copies
+  a finished output into it), and `done_paths(output)` reads it. A run that starts afresh replaces it.
+- A run that fails (an exception, Ctrl-C) keeps its finished chunks in the unfinished state without publishing
+  them, for `--resume`.
 """
 
 from __future__ import annotations
 
 import abc
 import csv
+import io
 import json
 import logging
 import os
@@ -22,21 +28,36 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
+from hierax.inference.formats import (
+    Row,
+    paths_in,
+    read_rows,
+    sidecar,
+    suffix_of,
+    table_to_rows,
+    write_all,
+    write_csv_rows,
+    write_jsonl_rows,
+    write_parquet,
+)
 
 logger = logging.getLogger(__name__)
 
-ROW_FORMATS = (".csv", ".jsonl", ".parquet")
-EMBEDDING_FORMATS = (".parquet", ".npy")
-Row = dict
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a .csv / .jsonl output (or an errors file) grows until close() publishes it."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
 
 
-def _suffix(path: str | os.PathLike) -> str:
-    return Path(path).suffix.lower()
+def parts_dir(path: str | os.PathLike) -> Path:
+    """The folder holding the finished chunks of a .parquet / .npy output that is still being written."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -60,7 +81,8 @@ def _cut_partial_line(path: Path) -> None:
 
 class RowWriter(abc.ABC):
     """Base writer: buffer rows and write them out every `chunk_size` rows or `FLUSH_SECONDS`, whichever comes
-    first (slow CPU runs lose little on a hard crash). Use as a context manager."""
+    first (slow CPU runs lose little on a hard crash). As a context manager it publishes on success and keeps
+    the finished chunks unpublished on an exception."""
 
     FLUSH_SECONDS = 30.0
 
@@ -81,7 +103,7 @@ class RowWriter(abc.ABC):
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered rows to disk now."""
+        """Write the buffered rows to disk now, durably."""
         if self._buffer:
             self._write_chunk(self._buffer)
             self.rows_written += len(self._buffer)
@@ -90,215 +112,164 @@ class RowWriter(abc.ABC):
 
     @abc.abstractmethod
     def _write_chunk(self, rows: list[Row]) -> None:
-        """Write one chunk of rows durably."""
+        """Write one chunk of rows durably to the unfinished state."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Close open files; the unfinished state stays as it is."""
+
+    @abc.abstractmethod
+    def _publish(self) -> None:
+        """Turn the unfinished state into the final file, atomically, and remove the state."""
+
+    @abc.abstractmethod
+    def _kept_in(self) -> Path:
+        """Where the unfinished state lives."""
 
     def close(self) -> None:
+        """Write what is buffered and publish the output under its final name."""
         self.flush()
+        self._release()
+        self._publish()
+
+    def abandon(self) -> None:
+        """Write what is buffered and stop without publishing: `--resume` continues from here."""
+        self.flush()
+        self._release()
+        logger.warning(
+            "%s is not complete: its finished rows are kept in %s, and --resume continues from there",
+            self.path,
+            self._kept_in(),
+        )
 
     def __enter__(self) -> RowWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
 
 
-class CsvWriter(RowWriter):
-    """Appends CSV rows with a header line; refuses to resume into a file with other columns."""
+def _complete_text(path: Path) -> str:
+    """A text file's content up to its last newline (without a half-written last row), read-only."""
+    text = path.read_text("utf-8")
+    return text[: text.rfind("\n") + 1]
+
+
+class _AppendWriter(RowWriter):
+    """A text output appended to `<name>.partial`, each chunk flushed and fsync'd, published by close()."""
+
+    _format = staticmethod(write_csv_rows)
 
     def __init__(self, path, columns, *, resume=False, chunk_size=256):
         super().__init__(path, columns, resume=resume, chunk_size=chunk_size)
-        exists = resume and self.path.exists() and self.path.stat().st_size > 0
-        if exists:
-            _cut_partial_line(self.path)
-            with open(self.path, encoding="utf-8", newline="") as fh:
-                header = next(csv.reader(fh), [])
-            if header != self.columns:
-                raise HieraxError(f"cannot resume {self.path}: its columns differ from this run's ({header[:4]}...)")
-        self._fh = open(self.path, "a" if exists else "w", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
-        if not exists:
-            self._csv.writeheader()
-            self._fh.flush()
+        self.partial = partial_path(self.path)
+        if resume and not self.partial.exists() and self.path.exists():
+            shutil.copyfile(self.path, self.partial)
+        continuing = resume and self.partial.exists() and self.partial.stat().st_size > 0
+        if continuing:
+            _cut_partial_line(self.partial)
+            self._check_continuable()
+        self._fh = open(self.partial, "a" if continuing else "w", encoding="utf-8", newline="")
+        if not continuing:
+            self._format(self._fh, self.columns, [], header=True)
+            self._sync()
+
+    def _check_continuable(self) -> None:
+        """HieraxError when the file being resumed cannot take this run's rows."""
 
     def _write_chunk(self, rows):
-        self._csv.writerows(rows)
+        self._format(self._fh, self.columns, rows)
+        self._sync()
+
+    def _sync(self) -> None:
         self._fh.flush()
+        os.fsync(self._fh.fileno())
 
-    def close(self):
-        super().close()
-        self._fh.close()
+    def _release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
 
+    def _publish(self) -> None:
+        atomic_write(self.path, lambda tmp: shutil.copyfile(self.partial, tmp))
+        self.partial.unlink()
 
-class JsonlWriter(RowWriter):
-    """Appends one JSON object per line."""
-
-    def __init__(self, path, columns, *, resume=False, chunk_size=256):
-        super().__init__(path, columns, resume=resume, chunk_size=chunk_size)
-        exists = resume and self.path.exists()
-        if exists:
-            _cut_partial_line(self.path)
-        self._fh = open(self.path, "a" if exists else "w", encoding="utf-8")
-
-    def _write_chunk(self, rows):
-        self._fh.write("".join(json.dumps({c: _plain(r.get(c)) for c in self.columns}) + "\n" for r in rows))
-        self._fh.flush()
-
-    def close(self):
-        super().close()
-        self._fh.close()
+    def _kept_in(self) -> Path:
+        return self.partial
 
 
-def _plain(value):
-    """A JSON-serialisable version of a row value (arrays become lists)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+class CsvWriter(_AppendWriter):
+    """CSV rows with a header line; refuses to resume into a file with other columns. Missing values are
+    written empty."""
+
+    def _check_continuable(self) -> None:
+        with open(self.partial, encoding="utf-8", newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != self.columns:
+            raise HieraxError(f"cannot resume {self.path}: its columns differ from this run's ({header[:4]}...)")
 
 
-def parts_dir(path: str | os.PathLike) -> Path:
-    """The folder holding the finished chunks of a .parquet / .npy output that is still being written."""
-    path = Path(path)
-    return path.with_name(path.name + ".parts")
+class JsonlWriter(_AppendWriter):
+    """One JSON object per line."""
 
-
-def _rows_to_table(rows: list[Row], columns: Sequence[str]) -> pa.Table:
-    arrays = {}
-    for col in columns:
-        values = [r.get(col) for r in rows]
-        if values and isinstance(values[0], np.ndarray):
-            flat = np.stack(values).astype(np.float32)
-            arrays[col] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        else:
-            arrays[col] = pa.array(values)
-    return pa.table(arrays)
-
-
-def _table_to_rows(table: pa.Table) -> list[Row]:
-    columns = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):
-            columns[name] = list(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size))
-        else:
-            columns[name] = col.to_pylist()
-    return [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else []
+    _format = staticmethod(write_jsonl_rows)
 
 
 class PartsWriter(RowWriter):
-    """Writes each chunk as a Parquet part; close() merges parts (and a resumed output) into the final file."""
+    """Writes each chunk as an atomic Parquet part; close() merges the parts into the final file. A resumed run
+    whose output is finished starts its parts from that output, so the parts alone are the newest state."""
 
     def __init__(self, path, columns, *, resume=False, chunk_size=256):
         super().__init__(path, columns, resume=resume, chunk_size=chunk_size)
         self.parts = parts_dir(self.path)
         if not resume and self.parts.exists():
             shutil.rmtree(self.parts)
+        finished = resume and not self.parts.exists() and self.path.exists()
         self.parts.mkdir(parents=True, exist_ok=True)
         self._next = len(list(self.parts.glob("part-*.parquet")))
+        if finished:
+            self._write_chunk(read_rows(self.path))
 
     def _write_chunk(self, rows):
-        final = self.parts / f"part-{self._next:06d}.parquet"
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(_rows_to_table(rows, self.columns), tmp)
-        os.replace(tmp, final)
+        write_parquet(self.parts / f"part-{self._next:06d}.parquet", rows, self.columns)
         self._next += 1
 
-    def close(self):
-        super().close()
-        rows = read_rows(self.path) if self.resume and self.path.exists() else []
+    def _release(self) -> None:
+        pass
+
+    def _kept_in(self) -> Path:
+        return self.parts
+
+    def _publish(self) -> None:
+        rows: list[Row] = []
         for part in sorted(self.parts.glob("part-*.parquet")):
-            rows.extend(_table_to_rows(pq.read_table(part)))
+            rows.extend(table_to_rows(pq.read_table(part)))
         write_all(self.path, rows, self.columns)
         shutil.rmtree(self.parts)
 
 
-def write_all(path: str | os.PathLike, rows: list[Row], columns: Sequence[str]) -> None:
-    """Write a complete output file at once (atomic rename), in the format its suffix names."""
-    path = Path(path)
-    suffix = _suffix(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if suffix == ".parquet":
-        pq.write_table(_rows_to_table(rows, columns), tmp)
-    elif suffix == ".npy":
-        _write_npy(path, rows, columns)
-        return
-    elif suffix in (".csv", ".jsonl"):
-        writer_cls = CsvWriter if suffix == ".csv" else JsonlWriter
-        with writer_cls(tmp, columns) as writer:
-            writer.write(rows)
-    else:
-        raise HieraxError(f"unsupported output format {suffix or path.name}")
-    os.replace(tmp, path)
-
-
-def _sidecar(path: Path, name: str) -> Path:
-    return path.with_name(f"{path.stem}.{name}")
-
-
-def _write_npy(path: Path, rows: list[Row], columns: Sequence[str]) -> None:
-    arrays = [c for c in columns if c != "path"]
-    if "embedding" not in arrays:
-        raise HieraxError(".npy output holds embeddings; use .csv, .jsonl or .parquet for predictions")
-    for col in arrays:
-        target = path if col == "embedding" else _sidecar(path, f"{col}.npy")
-        values = [r[col] for r in rows]
-        data = np.stack(values).astype(np.float32) if values else np.zeros((0, 0), dtype=np.float32)
-        tmp = target.with_name(target.name + ".tmp.npy")
-        np.save(tmp, data)
-        os.replace(tmp, target)
-    paths_file = _sidecar(path, "paths.txt")
-    paths_file.with_name(paths_file.name + ".tmp").write_text("".join(f"{r['path']}\n" for r in rows), "utf-8")
-    os.replace(paths_file.with_name(paths_file.name + ".tmp"), paths_file)
-
-
-def read_rows(path: str | os.PathLike) -> list[Row]:
-    """Every row of a finished output file (CSV values come back as strings)."""
-    path = Path(path)
-    suffix = _suffix(path)
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.endswith("\n")]
-    if suffix == ".parquet":
-        return _table_to_rows(pq.read_table(path))
-    if suffix == ".npy":
-        paths = _sidecar(path, "paths.txt").read_text("utf-8").splitlines()
-        rows = [{"path": p} for p in paths]
-        for extra in sorted(path.parent.glob(f"{path.stem}.*.npy")):
-            name = extra.name[len(path.stem) + 1 : -len(".npy")]
-            for row, value in zip(rows, np.load(extra), strict=True):
-                row[name] = value
-        for row, value in zip(rows, np.load(path), strict=True):
-            row["embedding"] = value
-        return rows
-    raise HieraxError(f"unsupported output format {suffix or path.name}")
-
-
 def done_paths(path: str | os.PathLike) -> set[str]:
-    """Paths already written to `path` (and to its unfinished parts), for --resume."""
+    """Paths already written to `path`, for --resume: its unfinished state when it has one (the newest), else
+    the finished file."""
     path = Path(path)
-    done: set[str] = set()
-    if path.exists() and (_suffix(path) != ".npy" or _sidecar(path, "paths.txt").exists()):
-        if _suffix(path) == ".npy":
-            done.update(_sidecar(path, "paths.txt").read_text("utf-8").splitlines())
-        elif _suffix(path) == ".parquet":
-            done.update(pq.read_table(path, columns=["path"]).column("path").to_pylist())
-        else:
-            done.update(r["path"] for r in read_rows(path))
-    if parts_dir(path).exists():
-        for part in parts_dir(path).glob("part-*.parquet"):
-            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
-    return done
+    partial, parts = partial_path(path), parts_dir(path)
+    if partial.exists():
+        text = _complete_text(partial)
+        if suffix_of(path) == ".jsonl":
+            return {json.loads(line)["path"] for line in text.splitlines() if line}
+        return {r["path"] for r in csv.DictReader(io.StringIO(text, newline=""))}
+    if parts.exists():
+        return {p for part in parts.glob("part-*.parquet") for p in paths_in(part)}
+    return paths_in(path) if path.exists() else set()
 
 
 def open_writer(
     path: str | os.PathLike, columns: Sequence[str], *, resume: bool = False, chunk_size: int = 256
 ) -> RowWriter:
     """The writer for the output format `path`'s suffix names (.csv, .jsonl, .parquet, .npy)."""
-    suffix = _suffix(path)
+    suffix = suffix_of(path)
     if suffix == ".csv":
         return CsvWriter(path, columns, resume=resume, chunk_size=chunk_size)
     if suffix == ".jsonl":
@@ -323,10 +294,10 @@ def merge_outputs(shards: Sequence[Path], output: Path, columns: Sequence[str], 
 
 
 def remove_output(path: Path) -> None:
-    """Delete an output file with its sidecars and parts."""
-    targets = [path, parts_dir(path)]
-    if _suffix(path) == ".npy":
-        targets += list(path.parent.glob(f"{path.stem}.*.npy")) + [_sidecar(path, "paths.txt")]
+    """Delete an output file with its sidecars, parts and unfinished state."""
+    targets = [path, parts_dir(path), partial_path(path)]
+    if suffix_of(path) == ".npy":
+        targets += list(path.parent.glob(f"{path.stem}.*.npy")) + [sidecar(path, "paths.txt")]
     for target in targets:
         if target.is_dir():
             shutil.rmtree(target)
@@ -334,32 +305,24 @@ def remove_output(path: Path) -> None:
             target.unlink()
 
 
-class ErrorsWriter:
-    """`path,reason` rows for the images that failed, flushed as they come."""
+class ErrorsWriter(CsvWriter):
+    """`path,reason` rows for the images that failed, on disk after every write() (the same partial-then-publish
+    rule as the outputs)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.count = 0
-        self._fh = open(self.path, "w", encoding="utf-8", newline="")
-        self._csv = csv.writer(self._fh)
-        self._csv.writerow(["path", "reason"])
-        self._fh.flush()
+        super().__init__(path, ["path", "reason"], chunk_size=1)
+
+    @property
+    def count(self) -> int:
+        return self.rows_written
 
     def write(self, errors: Iterable[tuple[str, str]]) -> None:
         """Append (path, reason) pairs."""
-        for path, reason in errors:
-            self._csv.writerow([path, reason])
-            self.count += 1
-        self._fh.flush()
+        self._buffer.extend({"path": path, "reason": reason} for path, reason in errors)
+        self.flush()
 
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> ErrorsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def abandon(self) -> None:
+        """A failed run still publishes the failures it saw: the errors file is rewritten by every run."""
         self.close()
 
 
@@ -367,3 +330,14 @@ def read_errors(path: str | os.PathLike) -> list[tuple[str, str]]:
     """The (path, reason) rows of an errors file."""
     with open(path, encoding="utf-8", newline="") as fh:
         return [(r["path"], r["reason"]) for r in csv.DictReader(fh)]
+
+
+def merge_errors(shards: Sequence[Path], target: Path, order: Sequence[str]) -> None:
+    """Merge per-rank errors files into one, in input order, and delete the shards."""
+    position = {p: i for i, p in enumerate(order)}
+    rows = [row for shard in shards if shard.exists() for row in read_errors(shard)]
+    rows.sort(key=lambda row: position.get(row[0], len(position)))
+    with ErrorsWriter(target) as out:
+        out.write(rows)
+    for shard in shards:
+        remove_output(shard)

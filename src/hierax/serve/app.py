@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hierax.data.images import MAX_PIXELS, decode_image
 from hierax.data.taxonomy import DEFAULT_THRESHOLDS, Taxonomy, top_k
 from hierax.errors import ImageDecodeError
-from hierax.inference.classification import infer_batch
+from hierax.inference.classification import infer_batch, require_classifier
 from hierax.serve.batcher import MicroBatcher
 from hierax.serve.schemas import (
     ClassifyResponse,
@@ -227,7 +227,8 @@ def create_app(
     """A FastAPI app serving `net` (eval mode, on its device) with the classes and preprocessing of `info`.
 
     Endpoints: POST /v1/classify, POST /v1/embed, GET /v1/models, GET /healthz, the page at /, and the
-    OpenAPI schema at /openapi.json (docs at /docs)."""
+    OpenAPI schema at /openapi.json (docs at /docs). A backbone without a classifier is refused (HieraxError)."""
+    require_classifier(info, "be served for classification")
     net.eval()
     model = ServedModel(
         name or info.network,
