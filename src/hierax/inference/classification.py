@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from hierax.data.images import ImageSource, load_image, to_rgb
-from hierax.models.hieradet import native_half_dtypes
+from hierax.models.fastpath import native_half_dtypes
 from hierax.transforms import five_crop_views
 
 logger = logging.getLogger(__name__)
