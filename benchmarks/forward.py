@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hierax.models import create_model, hieradet
+from hierax.models import create_model, fastpath
 
 NUM_CLASSES = 1000
 
@@ -49,7 +49,7 @@ def cpu_description() -> str:
 
     return (
         f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()},"
-        f" native half dtypes: {names(hieradet.native_half_dtypes())}, oneDNN Linear: {names(hieradet._ONEDNN_DTYPES)}"
+        f" native half dtypes: {names(fastpath.native_half_dtypes())}, oneDNN Linear: {names(fastpath.linear_dtypes())}"
     )
 
 
@@ -58,7 +58,7 @@ def gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable, float]:
     models, its best round is the GEMM peak the models are compared with under the same load. It runs through
     hierax's Linear, so it is the GEMM hierax picks for this CPU (oneDNN with AVX-512, ATen's BLAS on AVX2)."""
     n = 8192 if device.type == "cuda" else 2048
-    layer = hieradet.Linear(n, n, bias=False).to(device, dtype).eval()
+    layer = fastpath.Linear(n, n, bias=False).to(device, dtype).eval()
     a = torch.randn(n, n, device=device, dtype=dtype)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -70,28 +70,10 @@ def gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable, float]:
 
 def model_flops(net: torch.nn.Module, size: int) -> float:
     """FLOPs of one image at size x size, counted on ATen's ops (attention through its two-matmul form)."""
-    saved = hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES
-    hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES = (lambda q, k: True), frozenset()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net.cpu().float()(torch.randn(1, 3, size, size))
-    finally:
-        hieradet.use_matmul_attention, hieradet._ONEDNN_DTYPES = saved
+    ctx = fastpath.fast_path(linear_dtypes=(), matmul_attention=True)
+    with ctx, FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.cpu().float()(torch.randn(1, 3, size, size))
     return float(counter.get_total_flops())
-
-
-@contextlib.contextmanager
-def plain_paths():
-    """The model's plain path: fused attention kernel, position embedding recomputed on every call, Linear
-    layers through ATen's default (BLAS for fp32)."""
-    saved = (hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_DTYPES)
-    hieradet.use_matmul_attention = lambda q, k: False
-    hieradet.HieraDet.position_embedding = hieradet.HieraDet._compute_position_embedding
-    hieradet._ONEDNN_DTYPES = frozenset()
-    try:
-        yield
-    finally:
-        hieradet.use_matmul_attention, hieradet.HieraDet.position_embedding, hieradet._ONEDNN_DTYPES = saved
 
 
 def reference_models(size: int) -> dict[str, torch.nn.Module]:
@@ -123,7 +105,7 @@ def contenders(args, size: int, dtype: str, device: torch.device) -> dict[str, C
 
     def run(model, plain=False, autocast=amp):
         def call(x):
-            ctx = plain_paths() if plain else contextlib.nullcontext()
+            ctx = fastpath.fast_path(False) if plain else contextlib.nullcontext()
             with torch.inference_mode(), ctx, torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 return model(x)
 
@@ -179,8 +161,8 @@ def profile(size: int, batch: int, dtype: str, device: torch.device) -> None:
     net = create_model("hieradet_d_small", NUM_CLASSES).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for label, ctx in (("fast paths", contextlib.nullcontext), ("plain path", plain_paths)):
-        with torch.inference_mode(), ctx(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+    for label, ctx in (("fast paths", contextlib.nullcontext()), ("plain path", fastpath.fast_path(False))):
+        with torch.inference_mode(), ctx, torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
             net(x)
             with torch_profile(activities=activities) as prof:
                 net(x)

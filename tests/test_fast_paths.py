@@ -1,34 +1,41 @@
 """Every fast path gives the plain path's outputs: oneDNN Linear (fp32, bf16, autocast with its cast kept, fused
 GELU) vs ATen's, matmul attention vs the fused kernel, the cached position embedding vs recomputing it,
-channels-last inputs, bf16 (weights or autocast) and torch.compile.
+channels-last inputs, bf16 (weights or autocast) and torch.compile. The switch (set_fast_path, fast_path,
+HIERAX_FAST_PATH) chooses the paths; to_plain gives plain modules for torch's quantiser.
 
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
 
+import copy
+import os
 import pickle
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hierax.models import create_model, hieradet
+from hierax.models import create_model, fastpath
+from hierax.models.fastpath import Linear, Mlp, fast_path
 from tests.conftest import TINY
 
 FP32_TOL = 1e-5
 BF16_REL_TOL = 0.05
 ONEDNN_OPS = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-NATIVE_BF16 = torch.bfloat16 in hieradet._ONEDNN_DTYPES
+NATIVE_BF16 = torch.bfloat16 in fastpath.onednn_linear_dtypes()
 needs_native_bf16 = pytest.mark.skipif(
     not NATIVE_BF16, reason="this CPU has no native bf16 kernels: oneDNN refuses bf16, so ATen's path runs"
 )
 
 
 @pytest.fixture
-def onednn_fp32(monkeypatch):
+def onednn_fp32():
     """The oneDNN fp32 path, also on CPUs where ATen's BLAS is the faster default (AVX2-only x86)."""
     if not ONEDNN_OPS:
         pytest.skip("no oneDNN linear ops in this torch build")
-    monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", hieradet._ONEDNN_DTYPES | {torch.float32})
+    with fast_path(linear_dtypes=fastpath.onednn_linear_dtypes() | {torch.float32}):
+        yield
 
 
 def _tiny(network="hieradet_d_tiny", seed=0):
@@ -51,7 +58,7 @@ def test_matmul_attention_matches_fused_kernel(shape, dtype, tol):
     q = torch.randn(b, heads, queries, 32, generator=g).to(dtype)
     k = torch.randn(b, heads, keys, 32, generator=g).to(dtype)
     v = torch.randn(b, heads, keys, 32, generator=g).to(dtype)
-    got = hieradet.attention(q, k, v)
+    got = fastpath.attention(q, k, v)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert got.dtype == dtype
     assert (got.float() - want).abs().max().item() <= tol
@@ -59,24 +66,28 @@ def test_matmul_attention_matches_fused_kernel(shape, dtype, tol):
 
 @pytest.mark.parametrize("network", ["hieradet_d_tiny", "hieradet_tiny"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_model_attention_paths_agree(monkeypatch, network, autocast):
+def test_model_attention_paths_agree(network, autocast):
     """The whole network, windowed and global blocks, with the matmul form and with the fused kernel."""
     net = _tiny(network)
     x = torch.randn(2, 3, 96, 80)
     outs = {}
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for matmul in (True, False):
-            monkeypatch.setattr(hieradet, "use_matmul_attention", lambda q, k, m=matmul: m)
-            outs[matmul] = net(x).float()
+            with fast_path(matmul_attention=matmul):
+                outs[matmul] = net(x).float()
     tol = BF16_REL_TOL * outs[False].abs().max().item() if autocast else FP32_TOL
     assert (outs[True] - outs[False]).abs().max().item() <= tol
 
 
 def test_attention_policy():
     q = torch.zeros(1, 1, 4, 8)
-    assert not hieradet.use_matmul_attention(q, q), "fp32 on CPU: the fused kernel"
-    native = torch.bfloat16 in hieradet._CPU_NATIVE_HALF
-    assert hieradet.use_matmul_attention(q.bfloat16(), q.bfloat16()) == native, "bf16: two matmuls if native"
+    assert not fastpath.use_matmul_attention(q, q), "fp32 on CPU: the fused kernel"
+    native = torch.bfloat16 in fastpath.native_half_dtypes()
+    assert fastpath.use_matmul_attention(q.bfloat16(), q.bfloat16()) == native, "bf16: two matmuls if native"
+    with fast_path(False):
+        assert not fastpath.use_matmul_attention(q.bfloat16(), q.bfloat16()), "off: the fused kernel"
+    with fast_path(matmul_attention=True):
+        assert fastpath.use_matmul_attention(q, q), "forced"
 
 
 def test_position_embedding_cache_matches_and_follows_weights():
@@ -120,7 +131,7 @@ def test_cache_stays_small():
 
 
 def test_onednn_linear_matches_aten(onednn_fp32):
-    layer = hieradet.Linear(48, 96).eval()
+    layer = Linear(48, 96).eval()
     x = torch.randn(2, 5, 7, 48)
     with torch.no_grad(), torch.profiler.profile() as prof:
         fast = layer(x)
@@ -135,11 +146,18 @@ def _took_onednn(fn) -> tuple[torch.Tensor, bool]:
     return out, any("linear_pointwise" in event.name for event in prof.events())
 
 
+def _weight_packs(fn) -> tuple[torch.Tensor, int]:
+    """fn's output and how many weights it packed into oneDNN's layout (a kept cast is packed once)."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, sum("reorder_linear_weight" in event.name for event in prof.events())
+
+
 @needs_native_bf16
 @pytest.mark.parametrize("gelu", [False, True])
 def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
     torch.manual_seed(0)
-    layer = hieradet.Linear(48, 96).eval()
+    layer = Linear(48, 96).eval()
     x = torch.randn(3, 10, 48)
     want = F.linear(x, layer.weight, layer.bias)
     want = F.gelu(want) if gelu else want
@@ -157,18 +175,17 @@ def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
 
 @needs_native_bf16
 def test_autocast_casts_once_and_follows_new_weights():
-    layer = hieradet.Linear(16, 8).eval()
+    layer = Linear(16, 8).eval()
     x = torch.randn(4, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)
-        cast = hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1]
-        layer(x)
-        assert hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1] is cast, "the second call reuses the cast weight"
+        assert _weight_packs(lambda: layer(x))[1] == 1, "the first call casts and packs the weight"
+        assert _weight_packs(lambda: layer(x))[1] == 0, "the second call reuses the cast weight"
         layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
-        got = layer(x).float()
+        got, packs = _weight_packs(lambda: layer(x))
+        got = got.float()
     want = F.linear(x, layer.weight, layer.bias)
     assert (got - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item()
-    assert hieradet._CAST_WEIGHTS[layer][torch.bfloat16][1] is not cast
+    assert packs == 1, "new weights are cast again"
     assert set(layer.state_dict()) == {"weight", "bias"}
     copy = pickle.loads(pickle.dumps(layer))  # no oneDNN tensor travels with the module
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,7 +193,7 @@ def test_autocast_casts_once_and_follows_new_weights():
 
 
 def test_onednn_path_is_for_inference_only(onednn_fp32):
-    layer = hieradet.Linear(16, 8)
+    layer = Linear(16, 8)
     x = torch.randn(4, 16)
     with torch.no_grad():
         assert layer.onednn_dtype(x) is None, "training mode"
@@ -185,42 +202,42 @@ def test_onednn_path_is_for_inference_only(onednn_fp32):
         assert layer.onednn_dtype(x.double()) is None
     assert layer.onednn_dtype(x) is None, "autograd"
     with torch.inference_mode():
-        frozen = hieradet.Linear(16, 8).eval()  # inference-tensor weights: no version counter
+        frozen = Linear(16, 8).eval()  # inference-tensor weights: no version counter
         assert frozen.onednn_dtype(x) == torch.float32, "used as they are"
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert frozen.onednn_dtype(x) is None, "no cast can be kept for them"
 
 
-def test_fused_mlp_matches_the_sequential_one(monkeypatch, onednn_fp32):
+def test_fused_mlp_matches_the_sequential_one(onednn_fp32):
     torch.manual_seed(0)
-    mlp = hieradet.Mlp(32, 128).eval()
+    mlp = Mlp(32, 128).eval()
     x = torch.randn(2, 5, 5, 32)
     with torch.no_grad():
         fused, fast = _took_onednn(lambda: mlp(x))
-        monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset())
-        plain = mlp(x)
+        with fast_path(False):
+            plain = mlp(x)
     assert fast
     assert (fused - plain).abs().max().item() <= FP32_TOL
     assert list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
-def test_onednn_linear_path_agrees_with_autograd_path(monkeypatch, onednn_fp32):
+def test_onednn_linear_path_agrees_with_autograd_path(onednn_fp32):
     """The whole network: no-grad inference (oneDNN Linear) against the ATen path."""
     net = _tiny()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         fast = net(x)
-        monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset())
-        plain = net(x)
+        with fast_path(linear_dtypes=()):
+            plain = net(x)
     assert (fast - plain).abs().max().item() <= FP32_TOL
 
 
-def test_bf16_never_reaches_onednn_without_native_kernels(monkeypatch):
+@fast_path(linear_dtypes={torch.float32})
+def test_bf16_never_reaches_onednn_without_native_kernels():
     """On CPUs without native bf16 (AVX2-only x86) oneDNN refuses bf16 weights: autocast and bf16 weights must
     take ATen's path there, and still give fp32's answer."""
-    monkeypatch.setattr(hieradet, "_ONEDNN_DTYPES", frozenset({torch.float32}))
     torch.manual_seed(0)
-    layer = hieradet.Linear(48, 96).eval()
+    layer = Linear(48, 96).eval()
     x = torch.randn(3, 10, 48)
     want = F.gelu(F.linear(x, layer.weight, layer.bias))
     with torch.no_grad():
@@ -238,7 +255,7 @@ def test_bf16_never_reaches_onednn_without_native_kernels(monkeypatch):
 
 def test_linear_backend_follows_the_instruction_set():
     """fp32 goes to oneDNN only with AVX-512 (on AVX2 MKL is faster); bf16 only where oneDNN has native kernels."""
-    dtypes = hieradet.onednn_linear_dtypes()
+    dtypes = fastpath.onednn_linear_dtypes()
     if not ONEDNN_OPS or platform.machine().lower() not in ("x86_64", "amd64"):
         assert dtypes == frozenset()
         return
@@ -279,3 +296,90 @@ def test_torch_compile_captures_the_same_graph():
         compiled = torch.compile(net, backend="aot_eager", dynamic=False)
         assert (compiled(x) - ref).abs().max().item() <= FP32_TOL
         assert (compiled(x[:1]) - ref[:1]).abs().max().item() <= FP32_TOL
+
+
+def test_fast_path_off_takes_every_plain_path():
+    net = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast = net(x)
+        net._pos_cache.clear()
+        with fast_path(False):
+            assert not fastpath.fast_path_enabled() and fastpath.linear_dtypes() == frozenset()
+            plain, took_onednn = _took_onednn(lambda: net(x))
+            assert not net._pos_cache, "the position embedding is recomputed"
+        assert fastpath.fast_path_enabled(), "the previous setting is back after the block"
+        assert fastpath.linear_dtypes() == fastpath.onednn_linear_dtypes()
+    assert not took_onednn
+    assert (fast - plain).abs().max().item() <= FP32_TOL
+    with pytest.raises(ValueError, match="leave them unset"):
+        fastpath.set_fast_path(False, linear_dtypes={torch.float32})
+
+
+def test_set_fast_path_holds_until_set_again():
+    layer = Linear(16, 8).eval()
+    x = torch.randn(4, 16)
+    try:
+        fastpath.set_fast_path(False)
+        with torch.no_grad():
+            assert layer.onednn_dtype(x) is None
+            with fast_path(linear_dtypes={torch.float32}):
+                assert layer.onednn_dtype(x) == torch.float32
+            assert layer.onednn_dtype(x) is None, "the context manager restores the process-wide setting"
+    finally:
+        fastpath.set_fast_path(True)
+    assert fastpath.linear_dtypes() == fastpath.onednn_linear_dtypes()
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("1", True)])
+def test_environment_variable_and_lazy_probe(value, enabled):
+    """HIERAX_FAST_PATH is read, and the CPU probed, when a model is first built: not on import."""
+    code = (
+        "import torch; from hierax.models import create_model, fastpath\n"
+        "assert fastpath.onednn_linear_dtypes.cache_info().currsize == 0, 'probed on import'\n"
+        "net = create_model('hieradet_d_tiny', 2, depths=(1, 1, 1, 1), embed_dim=16).eval()\n"
+        "with torch.no_grad(): net(torch.randn(1, 3, 32, 32))\n"
+        "print(fastpath.fast_path_enabled(), fastpath.linear_dtypes() == fastpath.onednn_linear_dtypes())\n"
+    )
+    env = {**os.environ, fastpath.ENV_VAR: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    expected_dtypes = enabled or not fastpath.onednn_linear_dtypes()
+    assert out.split() == [str(enabled), str(expected_dtypes)]
+
+
+def _count(module: torch.nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in module.modules())
+
+
+def test_to_plain_keeps_state_and_outputs():
+    net = _tiny("hieradet_tiny")
+    plain = fastpath.to_plain(copy.deepcopy(net))
+    assert not any(isinstance(m, (Linear, Mlp)) for m in plain.modules())
+    assert _count(plain, torch.nn.Linear) == sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    want, got = net.state_dict(), plain.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        with fast_path(False):
+            assert torch.equal(plain(x), net(x)), "the plain modules compute what the plain path does"
+        assert (plain(x) - net(x)).abs().max().item() <= FP32_TOL
+    layer = Linear(8, 4, bias=False).eval()
+    root = fastpath.to_plain(layer)
+    assert type(root) is torch.nn.Linear and root.weight is layer.weight and root.bias is None and not root.training
+
+
+def test_to_plain_lets_torch_quantise_the_block_linears():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import quantize_dynamic
+
+    net = _tiny()
+    blocks = sum(isinstance(m, torch.nn.Linear) for m in net.body.modules())
+    untouched = quantize_dynamic(copy.deepcopy(net).body, {torch.nn.Linear}, dtype=torch.qint8)
+    assert _count(untouched, DynamicInt8Linear) == 0, "torch's quantiser matches exact types: it skips Linear"
+    quantized = fastpath.to_plain(copy.deepcopy(net))
+    quantized.body = quantize_dynamic(quantized.body, {torch.nn.Linear}, dtype=torch.qint8)
+    assert blocks > 0 and _count(quantized.body, DynamicInt8Linear) == blocks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want, got = net(x), quantized(x)
+    assert (got - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item()

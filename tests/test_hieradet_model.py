@@ -1,10 +1,13 @@
 """HieraDet behaviour beyond parity: names, parameter counts, any input size, heads, checkpointing."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from hierax.errors import ModelNotFoundError
-from hierax.models import create_model, list_networks
+from hierax.models import NETWORK_CONFIGS, create_model, list_networks
 from tests.conftest import DATA, TINY
 
 
@@ -27,6 +30,36 @@ def test_family_is_complete():
         assert f"hieradet_{size}" in list_networks() and f"hieradet_d_{size}" in list_networks()
     with pytest.raises(ModelNotFoundError, match="Did you mean"):
         create_model("hieradet_smal")
+    with pytest.raises(ModelNotFoundError, match="Bad config"):
+        create_model("hieradet_small", depth=3)
+
+
+def test_networks_are_listed_without_torch():
+    """hierax.models and its configs import no torch (listing networks must start fast). hierax's own __init__
+    is skipped here (found, not run): its imports are the CLI's business, this checks the models package's."""
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['hierax'] = importlib.util.module_from_spec(importlib.util.find_spec('hierax'))\n"
+        "import hierax.models, hierax.models.configs\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(len(hierax.models.list_networks()), hierax.models.NETWORK_CONFIGS['hieradet_small'].num_parameters())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(len(list_networks())), "33948864"]
+
+
+def _built_parameters(network: str, num_classes: int, **config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(network, num_classes, **config).parameters())
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_parameter_counts_from_configs_match_the_built_networks(num_classes):
+    for network in list_networks():
+        assert NETWORK_CONFIGS[network].num_parameters(num_classes) == _built_parameters(network, num_classes)
+    changed = dict(embed_dim=24, mlp_ratio=3.0, pos_embed_size=(5, 6))
+    cfg = NETWORK_CONFIGS["hieradet_d_tiny"].updated(**changed)
+    assert cfg.num_parameters(3) == _built_parameters("hieradet_d_tiny", 3, **changed)
 
 
 @pytest.mark.parametrize("network", ["hieradet_d_small", "hieradet_small"])

@@ -153,7 +153,7 @@ def test_stage_grids_and_upsampled_masks_follow_the_network(height, width):
     assert int(rows.min()) // 8 == grids[-1][0] - 1 and int(cols.min()) // 8 == grids[-1][1] - 1
     # masked stem tokens are replaced by the mask token before the position embedding
     token = torch.randn(8)
-    embedded = net.embed(x, token_mask=token_mask, mask_token=token)
+    embedded = net.patch_embed(x, token_mask=token_mask, mask_token=token)
     pos = net.position_embedding(*grids[0])[0]
     torch.testing.assert_close(embedded[0][token_mask[0]], token + pos[token_mask[0]])
     torch.testing.assert_close(embedded[0][~token_mask[0]], (net.stem(x) + pos)[0][~token_mask[0]])

@@ -15,7 +15,7 @@ from PIL import Image
 
 from hierax.data.images import ImageSource, load_image, to_rgb
 from hierax.errors import HieraxError
-from hierax.models.hieradet import native_half_dtypes
+from hierax.models.fastpath import native_half_dtypes
 from hierax.transforms import five_crop_views
 from hierax.weights.files import ModelInfo
 

@@ -1,29 +1,34 @@
-"""Networks: `create_model(network, num_classes, **config)` and `list_networks()`."""
+"""Networks: `create_model(network, num_classes, **config)` and `list_networks()`.
+
+This package imports no torch until a network is built: listing networks (`hierax models`, `hierax --help`)
+must start in well under the 2 s that importing torch takes. So `create_model` and `HieraDet` load
+`hierax.models.hieradet` on first use.
+"""
 
 from __future__ import annotations
 
-import difflib
+from typing import TYPE_CHECKING
 
-from hierax.errors import ModelNotFoundError
-from hierax.models.hieradet import NETWORK_CONFIGS, HieraDet, HieraDetConfig
+from hierax.models.configs import NETWORK_CONFIGS, HieraDetConfig, config_for, list_networks
 
-
-def list_networks() -> list[str]:
-    """Names of every architecture hierax can build."""
-    return sorted(NETWORK_CONFIGS)
+if TYPE_CHECKING:
+    from hierax.models.hieradet import HieraDet
 
 
 def create_model(network: str, num_classes: int = 0, **config) -> HieraDet:
     """Build `network` with random weights; `config` overrides its HieraDetConfig fields."""
-    if network not in NETWORK_CONFIGS:
-        close = difflib.get_close_matches(network, list_networks(), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else f" Known networks: {', '.join(list_networks())}."
-        raise ModelNotFoundError(f"Unknown network '{network}'.{hint}")
-    try:
-        cfg = NETWORK_CONFIGS[network].updated(**config)
-    except TypeError as err:
-        raise ModelNotFoundError(f"Bad config for '{network}': {err}") from None
+    cfg = config_for(network, **config)
+    from hierax.models.hieradet import HieraDet  # imported here: keeps listing networks free of torch
+
     return HieraDet(cfg, num_classes=num_classes)
 
 
-__all__ = ["HieraDet", "HieraDetConfig", "create_model", "list_networks"]
+def __getattr__(name: str):
+    if name == "HieraDet":
+        from hierax.models.hieradet import HieraDet  # imported on first use: keeps listing networks free of torch
+
+        return HieraDet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["NETWORK_CONFIGS", "HieraDet", "HieraDetConfig", "config_for", "create_model", "list_networks"]

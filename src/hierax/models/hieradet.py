@@ -9,14 +9,15 @@ State-dict names are those of the reference implementation, so published checkpo
 Unlike the reference, any input size works: windows are zero-padded, the tiled window position embedding is
 extended past the edge and cropped, and pooled windows are cropped to the pooled grid. Sizes that are
 multiples of 32 give exactly the reference's outputs.
+
+The hyper-parameters and network names live in `configs` (torch-free); `Linear`, `Mlp` and `attention` come
+from `fastpath`: nn.Linear, an MLP and scaled dot-product attention with CPU inference fast paths, holding the
+same parameters under the same names.
 """
 
 from __future__ import annotations
 
-import platform
-import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,50 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-
-@dataclass(frozen=True)
-class HieraDetConfig:
-    """Architecture hyper-parameters. window_spec is per stage; 0 means global attention."""
-
-    depths: tuple[int, ...] = (1, 2, 11, 2)
-    embed_dim: int = 96
-    num_heads: int = 1
-    pos_embed_size: tuple[int, int] = (7, 7)
-    pos_embed_win_size: tuple[int, int] = (8, 8)
-    global_blocks: tuple[int, ...] = (7, 10, 13)
-    window_spec: tuple[int, ...] = (8, 4, 14, 7)
-    drop_path_rate: float = 0.1
-    mlp_ratio: float = 4.0
-    mlp_dropout: float = 0.0
-    layer_norm_eps: float = 1e-6
-    q_stride: int = 2
-
-    def to_dict(self) -> dict:
-        """A JSON-friendly dict (lists instead of tuples)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def updated(self, **overrides) -> HieraDetConfig:
-        """A copy with `overrides` applied; list values become tuples; unknown keys raise TypeError."""
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return replace(self, **fixed)
-
-
-_DEEP = dict(depths=(2, 3, 16, 3), pos_embed_size=(14, 14), global_blocks=(12, 16, 20))
-NETWORK_CONFIGS: dict[str, HieraDetConfig] = {
-    "hieradet_tiny": HieraDetConfig(depths=(1, 2, 7, 2), global_blocks=(5, 7, 9)),
-    "hieradet_small": HieraDetConfig(),
-    "hieradet_base": HieraDetConfig(**_DEEP),
-    "hieradet_base_plus": HieraDetConfig(**_DEEP, embed_dim=112, num_heads=2),
-    "hieradet_large": HieraDetConfig(
-        depths=(2, 6, 36, 4), embed_dim=144, num_heads=2, global_blocks=(23, 33, 43), drop_path_rate=0.2
-    ),
-}
-NETWORK_CONFIGS.update(
-    {
-        name.replace("hieradet_", "hieradet_d_"): replace(cfg, window_spec=(8, 4, 0, 0))
-        for name, cfg in list(NETWORK_CONFIGS.items())
-    }
-)
+from hierax.models.configs import HieraDetConfig
+from hierax.models.fastpath import Linear, Mlp, attention, fast_path_enabled
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -88,145 +47,6 @@ def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int,
     b = windows.shape[0] // ((hp // window) * (wp // window))
     x = windows.view(b, hp // window, wp // window, window, window, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
-
-
-def native_half_dtypes() -> frozenset[torch.dtype]:
-    """bf16 and fp16 where this CPU computes them natively (oneDNN's own check: AVX-512, AVX-NE-CONVERT, AMX or
-    Arm's BF16). Elsewhere, as on AVX2-only x86, they are emulated through fp32 at about 1/8 of its speed."""
-    mkldnn = torch.ops.mkldnn
-    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    return frozenset(dt for dt, check in checks.items() if hasattr(mkldnn, check) and getattr(mkldnn, check)())
-
-
-def onednn_linear_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes in which `Linear` calls oneDNN directly on this CPU, chosen by instruction set as measured:
-    - fp32 with AVX-512 (Zen 5: 2.5x MKL's GEMM, which on AMD CPUs never uses AVX-512); on AVX2-only CPUs MKL
-      is the faster one (Zen 3: oneDNN at 76-95% of it), so ATen's default stays;
-    - bf16 where oneDNN has native bf16 kernels (AVX-512 or AVX-NE-CONVERT); elsewhere it refuses bf16.
-    Only on x86-64; elsewhere (e.g. ARM) ATen's default stays."""
-    mkldnn = torch.ops.mkldnn
-    if not (
-        platform.machine().lower() in ("x86_64", "amd64")
-        and torch.backends.mkldnn.is_available()
-        and all(hasattr(mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
-    ):
-        return frozenset()
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return frozenset({torch.float32} if avx512 else set()) | (native_half_dtypes() & {torch.bfloat16})
-
-
-_ONEDNN_DTYPES = onednn_linear_dtypes()
-_CPU_NATIVE_HALF = native_half_dtypes()
-
-# Above this many attention scores (batch * heads * queries * keys) the CPU uses the fused kernel, whose memory
-# does not grow with the score matrix.
-_CPU_MATMUL_ATTENTION_MAX = 1 << 26
-
-
-def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `attention` takes the two-matmul form rather than the fused kernel.
-
-    Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 with native kernels
-    the CPU fused kernel is 2-3x slower than two bf16 matmuls and a softmax for this model's shapes (1.13-1.15x
-    per forward pass); where bf16 is emulated (AVX2-only x86) the fused kernel, which accumulates in fp32, is
-    1.4-1.6x faster per forward pass; in fp32 it is as fast or faster, and on CUDA it is the fast path."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return True
-    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    return q.device.type == "cpu" and q.dtype in _CPU_NATIVE_HALF and scores <= _CPU_MATMUL_ATTENTION_MAX
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention over (B, heads, tokens, head_dim)."""
-    if use_matmul_attention(q, k):
-        # Contiguous operands: oneDNN multiplies q by a transposed contiguous k about twice as fast as by the
-        # strided slices of the qkv projection (measured 0.39 vs 0.75 ms for a stage-3 block at 384 px).
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        return attn.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-# Per Linear layer under autocast: {dtype: ((weight pointer, version, dtype, shape), packed cast weight, bias)}.
-# Kept outside the modules so that state dicts, deep copies and pickles never see oneDNN's opaque tensors.
-_CAST_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-
-
-def _autocast_dtype() -> torch.dtype | None:
-    if not torch.is_autocast_enabled("cpu"):
-        return None
-    return torch.get_autocast_dtype("cpu") if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_cpu_dtype()
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a CPU inference fast path: oneDNN called directly, GELU fusable.
-
-    ATen sends fp32 CPU matmuls to the BLAS (MKL), which on AVX-512 AMD CPUs runs at about 40% of the speed
-    oneDNN reaches (measured 189 vs 495 GFLOP/s on a Zen 5 core pair), making the whole forward pass 1.5-1.8x
-    slower. In bf16 ATen's addmm reaches about 75% of oneDNN's linear, and autocast re-casts the weight on every
-    call (here the cast is kept); a fused GELU saves a pass over the MLP's widest tensor. Which dtypes take the
-    path depends on the CPU (`onednn_linear_dtypes`). Inference only (eval mode, no autograd); autocast to bf16
-    is honoured; training, other dtypes and export/trace/compile take the ordinary path. Same parameters, same
-    state-dict names."""
-
-    def onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype the oneDNN path computes `x` in, or None when the ordinary path must run."""
-        if (
-            not _ONEDNN_DTYPES
-            or x.device.type != "cpu"
-            or self.training
-            or torch.is_grad_enabled()
-            or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-        ):
-            return None
-        autocast = _autocast_dtype()
-        if autocast is not None:
-            weight = self.weight
-            # A kept cast is keyed on the weight's version counter, which inference tensors lack.
-            castable = weight.is_floating_point() and (weight.dtype == autocast or not weight.is_inference())
-            return autocast if autocast in _ONEDNN_DTYPES and castable else None
-        if x.dtype == self.weight.dtype and x.dtype in _ONEDNN_DTYPES:
-            return x.dtype
-        return None
-
-    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias in `dtype`. A cast (autocast over fp32 weights) is made once and kept, packed in
-        oneDNN's layout; packing a weight already in `dtype` would double its memory for about 5%."""
-        weight = self.weight
-        if weight.dtype == dtype:
-            return weight, self.bias
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        per_dtype = _CAST_WEIGHTS.setdefault(self, {})
-        entry = per_dtype.get(dtype)
-        if entry is None or entry[0] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
-            bias = None if self.bias is None else self.bias.detach().to(dtype)
-            entry = per_dtype[dtype] = (key, packed, bias)
-        return entry[1], entry[2]
-
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        dtype = self.onednn_dtype(x)
-        if dtype is None:
-            out = super().forward(x)
-            return F.gelu(out) if gelu else out
-        weight, bias = self._weights(dtype)
-        attr, algorithm = ("gelu", "none") if gelu else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, attr, [], algorithm)
-
-
-class Mlp(nn.Sequential):
-    """Linear, GELU, dropout, Linear (state-dict names 0 and 3); on the oneDNN path GELU runs inside the first."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__(Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1, _, _, fc2 = self
-        if isinstance(fc1, Linear) and fc1.onednn_dtype(x) is not None:  # int8-quantised copies are not
-            return fc2(fc1(x, gelu=True))
-        return super().forward(x)
 
 
 def max_pool_nhwc(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -342,7 +162,6 @@ class HieraDet(nn.Module):
         depth = sum(config.depths)
         drop_rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         stages: dict[str, nn.Sequential] = {}
-        self.stage_dims: list[int] = []
         block_idx = 0
         window = config.window_spec[0]
         for s, stage_depth in enumerate(config.depths):
@@ -369,9 +188,9 @@ class HieraDet(nn.Module):
                 block_idx += 1
                 window = config.window_spec[s]
             stages[f"stage{s + 1}"] = nn.Sequential(*blocks)
-            self.stage_dims.append(dim)
         self.body = nn.Sequential(OrderedDict(stages))
         self.embedding_size = dim
+        # "features" is the reference's name for the head's LayerNorm and mean: checkpoints load by it
         self.features = nn.Sequential(nn.LayerNorm(dim, eps=config.layer_norm_eps), SpatialMean())
         self.num_classes = num_classes
         self.classifier = self._make_classifier(num_classes)
@@ -415,12 +234,17 @@ class HieraDet(nn.Module):
     def position_embedding(self, h: int, w: int) -> torch.Tensor:
         """The (1, h, w, C) position embedding for a stem grid of h x w tokens.
 
-        In inference (eval mode, no autograd, not being traced or compiled) the result is cached per grid size,
-        keyed by the parameters' identity and version so that loading new weights invalidates it: the bicubic
-        resize otherwise costs 1-3% of a forward pass."""
-        cacheable = not (self.training or torch.is_grad_enabled() or torch.jit.is_tracing())
-        # Parameters created under inference_mode have no version counter to key the cache on.
-        if not cacheable or torch.compiler.is_compiling() or self.pos_embed.is_inference():
+        In inference (eval mode, no autograd, not being traced or compiled, fast paths on) the result is cached
+        per grid size, keyed by the parameters' identity and version so that loading new weights invalidates it:
+        the bicubic resize otherwise runs on every forward pass."""
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or self.pos_embed.is_inference()  # created under inference_mode: no version counter to key on
+            or not fast_path_enabled()
+        ):
             return self._compute_position_embedding(h, w)
         key = (h, w, *((p.data_ptr(), p._version, p.dtype) for p in (self.pos_embed, self.pos_embed_win)))
         pos = self._pos_cache.get(key)
@@ -436,7 +260,7 @@ class HieraDet(nn.Module):
         win = self.pos_embed_win.tile(1, 1, (h + wh - 1) // wh, (w + ww - 1) // ww)[:, :, :h, :w]
         return (pos + win).permute(0, 2, 3, 1)
 
-    def embed(
+    def patch_embed(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Stem and position embedding: (B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C).
@@ -456,18 +280,24 @@ class HieraDet(nn.Module):
                 x = block(x)
         return x
 
-    def forward_stages(self, x: torch.Tensor, **mask) -> list[torch.Tensor]:
-        """The raw output of every stage, channels-last (B, H, W, C), strides 4, 8, 16 and 32."""
-        x = self.embed(x, **mask)
+    def forward_stages(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The raw output of every stage, channels-last (B, H, W, C), strides 4, 8, 16 and 32; `token_mask` and
+        `mask_token` as in `patch_embed`."""
+        x = self.patch_embed(x, token_mask, mask_token)
         outs = []
         for stage in self.body:
             x = self._run_stage(stage, x)
             outs.append(x)
         return outs
 
-    def forward_features(self, x: torch.Tensor, **mask) -> torch.Tensor:
-        """The stage-4 map, channels-last (B, H/32, W/32, C), before the final LayerNorm."""
-        x = self.embed(x, **mask)
+    def forward_features(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The stage-4 map, channels-last (B, H/32, W/32, C), before the final LayerNorm; `token_mask` and
+        `mask_token` as in `patch_embed`."""
+        x = self.patch_embed(x, token_mask, mask_token)
         for stage in self.body:
             x = self._run_stage(stage, x)
         return x
@@ -491,8 +321,3 @@ class HieraDet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def network_config(network: str) -> HieraDetConfig:
-    """The default config of a network name; KeyError if unknown."""
-    return NETWORK_CONFIGS[network]

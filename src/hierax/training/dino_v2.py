@@ -144,8 +144,7 @@ class DinoStudent(nn.Module):
 
     def encode(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled (B, C), normalised stage-4 tokens (B, h, w, C)); `token_mask` masks stem tokens."""
-        mask = {} if token_mask is None else {"token_mask": token_mask, "mask_token": self.mask_token}
-        tokens = self.backbone.features[0](self.backbone.forward_features(x, **mask))
+        tokens = self.backbone.features[0](self.backbone.forward_features(x, token_mask, self.mask_token))
         return tokens.mean(dim=(1, 2)), tokens
 
     def forward(

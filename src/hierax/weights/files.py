@@ -214,7 +214,7 @@ def network_from_filename(filename: str) -> str | None:
 def infer_network(state: dict[str, torch.Tensor], config: dict | None = None) -> str:
     """Guess the network from a state dict's shapes (after the file's config overrides). Windowed and `_d_`
     variants have identical tensors, so the `_d_` variant (the one the classification weights use) is assumed."""
-    from hierax.models.hieradet import NETWORK_CONFIGS
+    from hierax.models.configs import NETWORK_CONFIGS
 
     if "pos_embed" not in state:
         raise CheckpointError("not a HieraDet checkpoint: no 'pos_embed' tensor")
