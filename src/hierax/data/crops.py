@@ -13,8 +13,8 @@ API:
                 tight one is clipped to the frame.
     crop_window(box, width, height, policy) -> (left, top, right, bottom) in integer pixels (may pass the edges)
     crop_frame(image, box, policy, fill) -> uint8 (3, h, w) crop of a decoded frame
-    FrameBoxes(frame, path, boxes): one frame's selected boxes, `boxes` = ((detection index, (x, y, w, h)), ...)
-        with MegaDetector's normalised [x_min, y_min, width, height]
+    FrameBoxes(frame, path, boxes) (from hierax.data.boxes): one frame's selected boxes, `boxes` =
+        ((detection index, (x, y, w, h)), ...) with MegaDetector's normalised [x_min, y_min, width, height]
     CropDataset(frames, transform, policy=CropPolicy(), fill=(128, 128, 128)) -> torch Dataset, one item per frame:
         {"index": int, "frame": int, "path": str, "crops": Tensor (n, ...) | None, "detections": list[int],
          "error": str | None}; a frame that cannot be decoded gives crops=None and error=<reason>.
@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hierax.data.boxes import Box, FrameBoxes
 from hierax.data.images import MAX_PIXELS, MIN_SIDE, decode_image
 from hierax.errors import HieraxError, ImageDecodeError
 from hierax.transforms import normalize_stats
 
-Box = tuple[float, float, float, float]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 SHAPES = ("square", "tight")
 EDGES = ("pad", "shift")
@@ -136,15 +136,6 @@ def fill_from_stats(rgb_stats: dict | None) -> tuple[int, int, int]:
     """The uint8 colour that a model's normalisation maps to zero (its mean), for padding crops."""
     mean = normalize_stats(rgb_stats)["mean"]
     return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class FrameBoxes:
-    """One frame to crop: its index in the detections file, the path to open and its (detection index, box)s."""
-
-    frame: int
-    path: str
-    boxes: tuple[tuple[int, Box], ...]
 
 
 class CropDataset(Dataset):

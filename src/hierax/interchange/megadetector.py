@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hierax.atomic import atomic_write
-from hierax.data.crops import FrameBoxes
+from hierax.data.boxes import FrameBoxes
 from hierax.data.taxonomy import RANKS, Rollup, Taxonomy
 from hierax.errors import HieraxError
 from hierax.interchange.events import CaptureTime
