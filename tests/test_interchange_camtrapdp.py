@@ -10,6 +10,7 @@ frictionless checks itself, and GeoJSON) are left out when it is applied.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,8 @@ import pytest
 
 from hierax.cli import main
 from hierax.interchange.camtrapdp import PROFILE_URL, parse_utc_offset, write_package
-from hierax.interchange.megadetector import write_classified
+from hierax.interchange.events import capture_times
+from hierax.interchange.megadetector import local_path, write_classified
 
 from .interchange_support import classify_detections, make_camera_folder
 
@@ -158,3 +160,21 @@ def test_cli(predictions, tmp_path, capsys):
     assert "latitude" in capsys.readouterr().err
     assert main([*args, "--latitude", "52.1"]) == 1
     assert "both --latitude and --longitude" in capsys.readouterr().err
+
+
+def test_recorded_capture_times_are_used(tmp_path):
+    root = tmp_path / "traps"
+    md, results, failures, taxonomy = classify_detections(make_camera_folder(root), root)
+    exif = [dt.datetime(2023, 7, 1, 12, 0, i) for i in range(len(md.frames))]
+    times = capture_times([local_path(root, f.file) for f in md.frames], exif)
+    out = write_classified(root / "hierax.json", md, results, taxonomy, failures=failures, times=times)
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
+    package = write_package(out, tmp_path / "pkg", root=elsewhere, latitude=0.5, longitude=0.5, event_gap_s=0)
+    media = _rows(package.parent / "media.csv")
+    assert len(media) == len(md.frames)  # the detector's failed image has a recorded time now
+    assert media[0]["timestamp"].startswith("2023-07-01T12:00:00")
+    assert {d["timestampIssues"] for d in _rows(package.parent / "deployments.csv")} == {""}
+    events = [o for o in _rows(package.parent / "observations.csv") if o["observationLevel"] == "event"]
+    assert len(events) == 4  # a zero gap: each of the 4 frames with classified animals is an event of its own
+    assert _frictionless(package.parent, tmp_path / "check").valid

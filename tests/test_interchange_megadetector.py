@@ -3,14 +3,17 @@ validator accepts, round-tripping hierax's classifications."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
 from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
 
+from hierax.interchange.events import capture_times
 from hierax.interchange.megadetector import (
     DetectionsFileError,
     classified_document,
+    local_path,
     parse_detections,
     read_classified,
     read_detections,
@@ -33,12 +36,15 @@ def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
     md, results, failures, taxonomy = classify_detections(md_path, tmp_path)
     assert len(results) == 7  # animal boxes at or above 0.2 in readable frames
     assert list(failures) == [7]  # cam2/broken.JPG
+    exif = [dt.datetime(2024, 5, 1, 5, 59, 58)] + [None] * (len(md.frames) - 1)
+    times = capture_times([local_path(tmp_path, f.file) for f in md.frames], exif)
     out = write_classified(
         tmp_path / "out.json",
         md,
         results,
         taxonomy,
         failures=failures,
+        times=times,
         classifier="hierax:tiny",
         classifier_metadata={"top_k": 3},
     )
@@ -52,7 +58,12 @@ def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
     assert doc["info"]["format_version"] == "1.6"
     assert doc["info"]["detector"] == "md_v5a.0.0.pt" and doc["info"]["classifier"] == "hierax:tiny"
     assert doc["info"]["classifier_metadata"] == {"top_k": 3}
-    assert doc["images"][7] == {"file": "cam2/broken.JPG", "detections": None, "failure": "image access failure"}
+    broken = doc["images"][7]
+    assert (broken["file"], broken["detections"], broken["failure"]) == (
+        "cam2/broken.JPG",
+        None,
+        "image access failure",
+    )
     assert doc["images"][8]["failure"] == "image access failure"  # the detector's own failure stays
     person = doc["images"][1]["detections"][1]
     assert person["category"] == "2" and "classifications" not in person
@@ -64,7 +75,11 @@ def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
         ]
     assert doc["classification_categories"].get("0", "red fox") == "red fox"
 
+    assert (doc["images"][0]["datetime"], doc["images"][0]["datetime_source"]) == ("2024-05-01T05:59:58", "exif")
+    assert (doc["images"][1]["datetime"], doc["images"][1]["datetime_source"]) == ("2024-05-01T06:00:02", "file")
+    assert "datetime" not in doc["images"][8]  # not on disk, no time
     again = read_detections(out)
+    assert [f.capture for f in again.frames] == [t if t.time else None for t in times]
     taxonomy_back, results_back = read_classified(again)
     assert set(results_back) == set(results)
     for key, c in results.items():
