@@ -187,3 +187,14 @@ def test_videos_pass_through_and_keep_their_version(tmp_path):
     path = tmp_path / "out.json"
     path.write_text(json.dumps(out))
     assert _validate(path)["errors"] == []
+
+
+def test_classifications_of_other_tools_read_without_a_taxonomy():
+    doc = _doc(
+        detections=[{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2], "classifications": [["3", 0.8]]}]
+    )
+    doc["classification_categories"] = {"3": "red fox"}
+    doc["classification_category_descriptions"] = {"3": "5a565886;mammalia;carnivora;canidae;vulpes;vulpes;red fox"}
+    taxonomy, results = read_classified(parse_detections(doc, "speciesnet.json"))
+    assert not taxonomy.is_taxonomic and taxonomy.class_names == ["red fox"]
+    assert answer(results[(1, 0)], taxonomy).name == "red fox"

@@ -371,10 +371,11 @@ def write_package(
     gap = float(event_gap_s if event_gap_s is not None else meta.get("event_gap_s", DEFAULT_EVENT_GAP_S))
     events = group_events([cameras[i] for i in listed], [times[i] for i in listed], gap_s=gap)
     event_of = {listed[j]: e for e in events for j in e.frames}
+    position = {i: n for n, i in enumerate(listed)}
     detections: dict[int, list] = {}
     for (i, j), c in sorted(run.results.items()):
-        if i in event_of:
-            detections.setdefault(listed.index(i), []).append((md.frames[i].detections[j].conf, c))
+        if i in position:
+            detections.setdefault(position[i], []).append((md.frames[i].detections[j].conf, c))
     rollup = any(c.rollup is not None for c in run.results.values())
     k = max((len(c.indices) for c in run.results.values()), default=1)
     thresholds = meta.get("rollup_thresholds", DEFAULT_THRESHOLDS)

@@ -404,10 +404,8 @@ def write_classified(path: str | os.PathLike, md: DetectionsFile, results, taxon
 def _class_name(cid: str, description: str, name: str) -> str:
     """An iNat21-style class name rebuilt from a hierax description, so the Taxonomy can roll up; else `name`."""
     parts = description.split(";")
-    if len(parts) == len(RANKS) and all(p and "_" not in p for p in parts):
-        genus, binomial = parts[5], parts[6]
-        epithet = binomial[len(genus) + 1 :] if binomial.startswith(genus + " ") else binomial
-        return "_".join([f"{int(cid):05d}", *parts[:6], epithet])
+    if len(parts) == len(RANKS) and all(p and "_" not in p for p in parts) and parts[6].startswith(parts[5] + " "):
+        return "_".join([f"{int(cid):05d}", *parts[:6], parts[6][len(parts[5]) + 1 :]])
     return name
 
 
