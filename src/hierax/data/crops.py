@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hierax.data.boxes import Box, FrameBoxes
+from hierax.data.datasets import PathTable
 from hierax.data.images import MAX_PIXELS, MIN_SIDE, decode_image
 from hierax.errors import HieraxError, ImageDecodeError
 from hierax.transforms import normalize_stats
@@ -151,19 +152,23 @@ class CropDataset(Dataset):
         max_pixels: int = MAX_PIXELS,
         min_side: int = MIN_SIDE,
     ) -> None:
-        self.frames = list(frames)
+        frames = list(frames)
         self.transform = transform
         self.policy = policy or CropPolicy()
         self.fill = tuple(int(v) for v in fill)
         self.max_pixels = max_pixels
         self.min_side = min_side
-        counts = np.array([len(f.boxes) for f in self.frames], dtype=np.int64)
+        # Compact arrays rather than a list of objects: forked DataLoader workers then share them untouched.
+        self.paths = PathTable(f.path for f in frames)
+        self.frame_ids = np.array([f.frame for f in frames], dtype=np.int64)
+        counts = np.array([len(f.boxes) for f in frames], dtype=np.int64)
         self.crop_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._frame_of = np.repeat(np.array([f.frame for f in self.frames], dtype=np.int64), counts)
-        self._detection_of = np.array([d for f in self.frames for d, _ in f.boxes], dtype=np.int64)
+        self._frame_of = np.repeat(self.frame_ids, counts)
+        self._detection_of = np.array([d for f in frames for d, _ in f.boxes], dtype=np.int64)
+        self._boxes = np.array([b for f in frames for _, b in f.boxes], dtype=np.float64).reshape(-1, 4)
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.paths)
 
     @property
     def num_crops(self) -> int:
@@ -175,23 +180,24 @@ class CropDataset(Dataset):
         return self._frame_of[ids], self._detection_of[ids]
 
     def __getitem__(self, index: int) -> dict:
-        entry = self.frames[index]
+        start, end = self.crop_offsets[index], self.crop_offsets[index + 1]
+        path = self.paths[index]
         sample = {
             "index": index,
-            "frame": entry.frame,
-            "path": entry.path,
+            "frame": int(self.frame_ids[index]),
+            "path": path,
             "crops": None,
-            "detections": [d for d, _ in entry.boxes],
+            "detections": self._detection_of[start:end].tolist(),
             "error": None,
         }
         try:
-            image = decode_image(entry.path, max_pixels=self.max_pixels, min_side=self.min_side)
+            image = decode_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
         except ImageDecodeError as err:
             sample["error"] = str(err)
             return sample
         crops = []
-        for _, box in entry.boxes:
-            crop = crop_frame(image, box, self.policy, self.fill)
+        for box in self._boxes[start:end]:
+            crop = crop_frame(image, tuple(float(v) for v in box), self.policy, self.fill)
             if self.transform is not None:
                 try:
                     crop = self.transform(crop)
