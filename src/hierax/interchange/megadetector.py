@@ -23,7 +23,8 @@ API:
         Frames in `failures` get failure "image access failure" and detections null, as MegaDetector writes
         them. `times` (one CaptureTime per frame) become images[].datetime and images[].datetime_source.
         format_version becomes "1.6" (the current one) unless the file holds videos, whose entries stay as
-        they were under the file's own version.
+        they were under the file's own version. `classifier_metadata` goes to info.classifier_metadata;
+        `hierax camtrapdp` reads detection_threshold, event_gap_s and rollup_thresholds from it.
     read_classified(md) -> (Taxonomy, {(frame, detection): Classification}): the classifications of a file hierax
         wrote, over a Taxonomy of the categories it names (roll-ups work on it).
 """
