@@ -137,6 +137,12 @@ def test_lightroom_sidecar_with_attributes_and_its_naming(tmp_path):
     assert _list(tags["XMP-dc:Subject"]) == ["trip 2024", "Vulpes vulpes", "red fox"]
     assert "crs:Exposure2012" in lightroom.read_text(encoding="utf-8")  # its prefixes are kept
     assert not (tmp_path / "DSC_0042.NEF.xmp").exists()
+    # Keywords some writers keep in an rdf:Seq are extended there, not in a second container.
+    seq = LIGHTROOM.replace("rdf:Bag", "rdf:Seq")
+    lightroom.write_text(seq, encoding="utf-8")
+    write_sidecar(photo, [fox], model="m", run_time=WHEN)
+    assert _list(_exif(lightroom)["XMP-dc:Subject"]) == ["trip 2024", "Vulpes vulpes", "red fox"]
+    assert lightroom.read_text(encoding="utf-8").count("<rdf:Seq>") == 1
 
 
 def test_unidentified_adds_no_keyword_and_bad_sidecars_are_left_alone(tmp_path):

@@ -58,6 +58,7 @@ def _q(prefix: str, name: str) -> str:
 
 
 RDF_DESCRIPTION, RDF_ABOUT, RDF_BAG, RDF_LI = (_q("rdf", n) for n in ("Description", "about", "Bag", "li"))
+CONTAINERS = (RDF_BAG, _q("rdf", "Seq"))  # keywords come in a Bag; some writers use a Seq
 
 
 def sidecar_path(photo: str | os.PathLike, style: str = "auto") -> Path:
@@ -121,10 +122,8 @@ def _bag(desc_list: list[ET.Element], rdf: ET.Element, about: str, prop: str) ->
     for desc in desc_list:
         found = desc.find(prop)
         if found is not None:
-            bag = found.find(RDF_BAG)
-            if bag is None:
-                bag = ET.SubElement(found, RDF_BAG)
-            return bag
+            bag = next((c for c in found if c.tag in CONTAINERS), None)
+            return bag if bag is not None else ET.SubElement(found, RDF_BAG)
     desc = ET.SubElement(rdf, RDF_DESCRIPTION, {RDF_ABOUT: about})
     desc_list.append(desc)
     return ET.SubElement(ET.SubElement(desc, prop), RDF_BAG)
@@ -135,7 +134,7 @@ def _replace_keywords(rdf: ET.Element, about: str, prop: str, old: set[str], new
     descriptions = list(rdf.iter(RDF_DESCRIPTION))
     existing = [d.find(prop) for d in descriptions if d.find(prop) is not None]
     for element in existing:
-        for bag in element.iter(RDF_BAG):
+        for bag in (c for c in element if c.tag in CONTAINERS):
             for li in [li for li in bag if li.tag == RDF_LI and (li.text or "") in old]:
                 bag.remove(li)
     if not new:
