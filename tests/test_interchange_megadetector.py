@@ -7,7 +7,7 @@ import datetime as dt
 import json
 
 import pytest
-from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
+from PIL import ImageFile
 
 from hierax.interchange.events import capture_times
 from hierax.interchange.megadetector import (
@@ -25,13 +25,21 @@ from hierax.interchange.results import answer
 from .interchange_support import CLASS_NAMES, classify_detections, make_camera_folder
 
 
-def _validate(path) -> dict:
+@pytest.fixture(scope="module")
+def validator():
+    """MegaDetector's own validator. Importing megadetector sets Pillow's process-wide LOAD_TRUNCATED_IMAGES (its
+    visualization module does, on import), which would make truncated photos decode in every later test; the flag
+    is put back, so the import stays here rather than at the top."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
     options = ValidateBatchResultsOptions()
     options.check_image_existence = False
-    return validate_batch_results(str(path), options)["validation_results"]
+    return lambda path: validate_batch_results(str(path), options)["validation_results"]
 
 
-def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
+def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path, validator):
     md_path = make_camera_folder(tmp_path)
     md, results, failures, taxonomy = classify_detections(md_path, tmp_path)
     assert len(results) == 7  # animal boxes at or above 0.2 in readable frames
@@ -48,7 +56,7 @@ def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
         classifier="hierax:tiny",
         classifier_metadata={"top_k": 3},
     )
-    report = _validate(out)
+    report = validator(out)
     assert report["errors"] == [] and report["warnings"] == []
     assert sum(report["classification_category_id_to_count"].values()) == 7 * 3
 
@@ -91,7 +99,7 @@ def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path):
         assert answer(back, taxonomy_back).name == answer(c, taxonomy).name
     # A second classification run over hierax's own output replaces the classifications, and still validates.
     twice = write_classified(tmp_path / "twice.json", again, results, taxonomy)
-    assert _validate(twice)["errors"] == []
+    assert validator(twice)["errors"] == []
     assert json.loads(twice.read_text())["images"][0]["detections"][0]["classifications"] == fox["classifications"]
 
 
@@ -171,7 +179,7 @@ def test_malformed_files(tmp_path):
         parse_detections(doc, "md.json")
 
 
-def test_videos_pass_through_and_keep_their_version(tmp_path):
+def test_videos_pass_through_and_keep_their_version(tmp_path, validator):
     doc = _doc()
     video = {
         "file": "cam1/clip.mp4",
@@ -186,7 +194,7 @@ def test_videos_pass_through_and_keep_their_version(tmp_path):
     assert out["info"]["format_version"] == "1.4" and out["images"][2] == video
     path = tmp_path / "out.json"
     path.write_text(json.dumps(out))
-    assert _validate(path)["errors"] == []
+    assert validator(path)["errors"] == []
 
 
 def test_classifications_of_other_tools_read_without_a_taxonomy():
