@@ -20,11 +20,12 @@ import jsonschema
 import pytest
 
 from hierax.cli import main
+from hierax.data.taxonomy import Taxonomy
 from hierax.interchange.camtrapdp import PROFILE_URL, parse_utc_offset, write_package
 from hierax.interchange.events import capture_times
-from hierax.interchange.megadetector import local_path, write_classified
+from hierax.interchange.megadetector import local_path, read_detections, write_classified
 
-from .interchange_support import classify_detections, make_camera_folder
+from .interchange_support import CLASS_NAMES, classify_detections, make_camera_folder
 
 SCHEMAS = Path(__file__).parent / "data" / "camtrap-dp-1.0.2"
 
@@ -178,3 +179,16 @@ def test_recorded_capture_times_are_used(tmp_path):
     events = [o for o in _rows(package.parent / "observations.csv") if o["observationLevel"] == "event"]
     assert len(events) == 4  # a zero gap: each of the 4 frames with classified animals is an event of its own
     assert _frictionless(package.parent, tmp_path / "check").valid
+
+
+def test_a_run_without_animals_still_makes_a_package(tmp_path):
+    detector_output = make_camera_folder(tmp_path)
+    md = read_detections(detector_output)
+    out = write_classified(tmp_path / "none.json", md, {}, Taxonomy(CLASS_NAMES), classifier="hierax:tiny")
+    package = write_package(out, tmp_path / "pkg", latitude=52.1, longitude=5.2)
+    assert _frictionless(package.parent, tmp_path / "check").valid
+    kinds = {o["observationType"] for o in _rows(package.parent / "observations.csv")}
+    assert kinds == {"animal", "human", "vehicle", "blank"}  # unclassified animal boxes stay animals, unnamed
+    assert json.loads(package.read_text())["taxonomic"] == []
+    with pytest.raises(Exception, match="has no classifications"):
+        write_package(detector_output, tmp_path / "pkg2", latitude=1.0, longitude=1.0)

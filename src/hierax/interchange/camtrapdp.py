@@ -314,7 +314,7 @@ def _descriptor(run: _Run, deployments, media, answers: Sequence[Answer], title,
 
 def _open(predictions, root, utc_offset) -> tuple[_Run, dict]:
     md = read_detections(predictions)
-    if not md.classification_categories:
+    if not md.classification_categories and "classifier" not in md.doc["info"]:
         raise HieraxError(f"{predictions} has no classifications: give the JSON that hierax predict --detections wrote")
     taxonomy, results = read_classified(md)
     info = md.doc["info"]

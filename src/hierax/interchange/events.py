@@ -146,7 +146,7 @@ def group_events(
     events = []
     for n, (camera, frames) in enumerate(groups):
         sources = {times[i].source for i in frames}
-        source = "" if "" in sources else "file" if "file" in sources else sources.pop()
+        source = "" if "" in sources else "file" if "file" in sources else min(sources)
         start, end = times[frames[0]].time, times[frames[-1]].time
         events.append(Event(f"event{n + 1:06d}", camera, tuple(frames), start, end, source))
     return events
