@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         summary = {
             "species": dict(zip(species.class_names, species.counts)),
             "model": species.model.describe(),
-            "calibration": {"slope": species.slope, "intercept": species.intercept},
+            "species_rule": vars(species.species_rule),
+            "open_set_rule": vars(species.open_set_rule),
             "unknown_threshold": species.unknown_threshold,
             "leave_one_out": species.loo,
         }
