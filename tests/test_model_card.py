@@ -41,7 +41,7 @@ def card_model(published_like_checkpoint, file_server, hierax_home, tmp_path):
     image_path = tmp_path / "image.jpeg"
     Image.fromarray(data.chelsea()).save(image_path)
     yield str(image_path)
-    catalog._add(entry, overwrite=True)
+    catalog.unregister_weights(entry.name)
 
 
 @pytest.mark.slow

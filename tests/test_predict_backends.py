@@ -8,10 +8,10 @@ from skimage import data
 
 from hierax.cli import main
 from hierax.errors import HieraxError
-from hierax.export import load_with_backend
 from hierax.inference.predict import predict
 from hierax.models import create_model
 from hierax.weights.files import ModelInfo, write_checkpoint
+from hierax.weights.load import load_with_backend
 from tests.conftest import TINY, inat_names
 
 

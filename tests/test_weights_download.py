@@ -11,8 +11,9 @@ import hierax
 from hierax.errors import DownloadError, OfflineError
 from hierax.models import create_model
 from hierax.weights import catalog
-from hierax.weights.download import cache_dir, fetch
+from hierax.weights.download import fetch
 from hierax.weights.files import ModelInfo, write_checkpoint
+from hierax.weights.paths import cache_dir
 from tests.conftest import TINY
 
 

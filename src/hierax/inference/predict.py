@@ -93,7 +93,7 @@ def resolve_model(
     backend: str = "torch",
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """(net, info) in eval mode from a name, a path, or an already loaded pair; `size` overrides info.size.
-    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.export.load_with_backend."""
+    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.weights.load.load_with_backend."""
     if isinstance(model, tuple):
         net, info = model
         net.eval()
@@ -101,7 +101,7 @@ def resolve_model(
             net.to(device)
         return net, info.with_size(size) if size else info
     if backend != "torch":
-        from hierax.export import load_with_backend
+        from hierax.weights.load import load_with_backend
 
         if isinstance(size, int):
             size = (size, size)
@@ -395,7 +395,7 @@ def predict(
     common_names: JSON index -> name, or an iNat21 annotation JSON. species_list: a file or a list of entries
     (class names, binomials, common names) that predictions are restricted to and renormalised over.
     rollup: add the deepest rank whose summed probability passes `thresholds` (species 0.8, genus 0.6,
-    family 0.4 by default). backend: torch, onnxruntime or torchscript (see hierax.export.load_with_backend)."""
+    family 0.4 by default). backend: torch, onnxruntime or torchscript (see hierax.weights.load.load_with_backend)."""
     if top_k < 1:
         raise HieraxError("top_k must be at least 1")
 
