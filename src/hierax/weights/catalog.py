@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from huggingface_hub import hf_hub_url
 
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError, ModelNotFoundError
@@ -60,7 +59,10 @@ class WeightsEntry:
 
 
 def _hf(repo: str, filename: str) -> str:
-    return hf_hub_url(f"{_HF_ORG}/{repo}", filename)
+    """The Hugging Face Hub URL of a published file; HF_ENDPOINT names a mirror, as for huggingface_hub (whose
+    own hf_hub_url would cost `hierax models` and `hierax info` half a second of imports)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{_HF_ORG}/{repo}/resolve/main/{filename}"
 
 
 _INAT21_EPS = {"layer_norm_eps": 1e-5}
@@ -161,9 +163,9 @@ def _user_entries() -> dict[str, WeightsEntry]:
     path = registry_path()
     try:
         stat = path.stat()
-        stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+        stamp = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)  # every atomic rewrite is a new inode
     except FileNotFoundError:
-        stamp = (str(path), None, None)
+        stamp = (str(path), None, None, None)
     if stamp != _user_cache["stamp"]:
         entries = _read_user_file(path) if stamp[1] is not None else []
         _user_cache.update(stamp=stamp, entries=_by_key(entries))

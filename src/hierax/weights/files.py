@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hierax.atomic import atomic_write
-from hierax.errors import CheckpointError, NoClassifierError
+from hierax.errors import CheckpointError, HieraxError, NoClassifierError
 from hierax.models import list_networks
 from hierax.models.hieradet import NETWORK_CONFIGS
 from hierax.sizes import check_size
@@ -126,12 +126,13 @@ def _check_signature(signature: object, where: str) -> dict:
         inputs = signature["inputs"][0]["data_shape"]
         outputs = signature["outputs"][0]["data_shape"]
         if len(inputs) != 4 or len(outputs) != 2 or not all(_is_int(v) for v in [*inputs, *outputs]):
-            raise ValueError
-        check_size((inputs[2], inputs[3]), what="signature input")
-    except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ValueError(f"data shapes {inputs} and {outputs}")
+        check_size((inputs[2], inputs[3]), what="its input")
+    except (KeyError, IndexError, TypeError, ValueError, HieraxError) as err:
+        reason = f"no {err}" if isinstance(err, KeyError) else str(err) or type(err).__name__
         raise CheckpointError(
-            f"{where}: malformed 'signature' field (expected {{'inputs': [{{'data_shape': [0, 3, H, W]}}], "
-            f"'outputs': [{{'data_shape': [0, N]}}]}}, got {str(signature)[:120]}) {err}"
+            f"{where}: malformed 'signature' field ({reason}); expected "
+            "{'inputs': [{'data_shape': [0, 3, H, W]}], 'outputs': [{'data_shape': [0, N]}]}"
         ) from None
     return signature
 
