@@ -67,13 +67,11 @@ def _quiet_onnx_passes() -> Iterator[None]:
 
 def quantize_linear_int8(net: nn.Module) -> nn.Module:
     """A copy of `net` whose block Linear layers are int8 dynamically quantised (the classifier stays float)."""
-    from torch.ao.quantization import quantize_dynamic  # torch.ao loads slowly and only int8 exports need it
-
     quantized = copy.deepcopy(net).eval()
     for module in quantized.body.modules():
         if isinstance(module, nn.Linear):  # torch's quantiser matches exact types; hieradet.Linear is a subclass
             module.__class__ = nn.Linear
-    quantized.body = quantize_dynamic(quantized.body, {nn.Linear}, dtype=torch.qint8)
+    quantized.body = torch.ao.quantization.quantize_dynamic(quantized.body, {nn.Linear}, dtype=torch.qint8)
     return quantized
 
 

@@ -238,11 +238,11 @@ def register_weights(
             taken = _known().get(key)
             if taken is not None and taken.name != entry.name:
                 raise ValueError(f"'{key}' is already registered for '{taken.name}' (pass overwrite=True to replace)")
+    for key in [k for k, e in _SESSION.items() if e.name == name]:  # the latest registration wins
+        del _SESSION[key]
     if persist:
         _write_user_file([e for e in _user_list() if e.name != name] + [entry])
     else:
-        for key in [k for k, e in _SESSION.items() if e.name == name]:
-            del _SESSION[key]
         _SESSION.update(_by_key([entry]))
     return entry
 

@@ -39,7 +39,8 @@ def parameter_count(network: str, num_classes: int | None = 0) -> int | None:
 def _not_cached(entry: WeightsEntry) -> dict:
     """What the registry knows about an entry whose file is not on this machine."""
     get = (
-        f"`hierax weights download {entry.name}`, or on a machine without network `hierax weights import FILE`"
+        f"`hierax weights download {entry.name}`; on a machine without network, copy the file from one that has "
+        "it and run `hierax weights import FILE`"
         if entry.url
         else f"the registered file {entry.path} is missing"
     )

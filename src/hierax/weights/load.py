@@ -55,7 +55,8 @@ def build_from_state(
     new_head = num_classes is not None and num_classes != state_classes
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        logger.info("a new %d-class classifier replaces the file's %d-class one", num_classes, state_classes)
+        had = f"the file's {state_classes}-class one" if state_classes else "none in the file"
+        logger.info("a new %d-class classifier (%s)", num_classes, had)
     net = create_model(
         info.network,
         state_classes if num_classes is None else num_classes,
@@ -63,8 +64,9 @@ def build_from_state(
     )
     try:
         result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # same names, other shapes
-        raise CheckpointError(f"checkpoint does not fit network '{info.network}': {err}") from None
+    except RuntimeError as err:  # same names, other shapes: name the first two, on one line
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise CheckpointError(f"checkpoint does not fit network '{info.network}': {detail}") from None
     missing = [k for k in result.missing_keys if not (new_head and k.startswith("classifier."))]
     problems = []
     if missing:
