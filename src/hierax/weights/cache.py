@@ -38,14 +38,14 @@ def locate(name_or_path: str | Path) -> tuple[Path | None, WeightsEntry | None]:
     """(the local file, its registry entry) for a --model value, without downloading: an existing file, a
     training run's folder (its model.pt), a published file's name, or a registry name. The path is None for an
     entry whose file is not on this machine; ModelNotFoundError when it is neither a file nor a known name."""
-    path = Path(name_or_path).expanduser()
+    path, name = Path(name_or_path).expanduser(), str(name_or_path)
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE, None
-        raise ModelNotFoundError(f"{path} is a folder without a {MODEL_FILE}: pass the model file itself")
+        if catalog.resolve_or_none(name) is None:  # a registry name wins over a folder that happens to share it
+            raise ModelNotFoundError(f"{path} is a folder without a {MODEL_FILE}: pass the model file itself")
     if path.is_file():
         return path, catalog.entry_for_filename(path.name)
-    name = str(name_or_path)
     if looks_like_path(name):
         entry = None
         if path.name == name:  # no folder in it: a published file's name stands for its entry
