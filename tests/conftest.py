@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from hierax.weights import catalog
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -45,6 +47,15 @@ def inat_names(n: int) -> list[str]:
         kingdom, phylum = ("Plantae", "Tracheophyta") if genus == "Quercus" else ("Animalia", "Chordata")
         names.append(f"{i:05d}_{kingdom}_{phylum}_{cls}_{order}_{family}_{genus}_species{i}")
     return names
+
+
+@pytest.fixture(autouse=True)
+def _forget_session_registrations():
+    """Weights a test registers in-process (register_weights without persist) end with the test."""
+    before = dict(catalog._SESSION)
+    yield
+    catalog._SESSION.clear()
+    catalog._SESSION.update(before)
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from hierax.cli.models import models_table
 from hierax.models import create_model
+from hierax.weights.describe import models_table
 from hierax.weights.files import ModelInfo, write_checkpoint
 from tests.conftest import TINY, inat_names
 

@@ -40,8 +40,7 @@ def card_model(published_like_checkpoint, file_server, hierax_home, tmp_path):
     )
     image_path = tmp_path / "image.jpeg"
     Image.fromarray(data.chelsea()).save(image_path)
-    yield str(image_path)
-    catalog._add(entry, overwrite=True)
+    return str(image_path)
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ from skimage import data
 
 from hierax.cli import main
 from hierax.errors import HieraxError
-from hierax.export import load_with_backend
 from hierax.inference.predict import predict
 from hierax.models import create_model
 from hierax.weights.files import ModelInfo, write_checkpoint
+from hierax.weights.load import load_with_backend
 from tests.conftest import TINY, inat_names
 
 
@@ -78,3 +78,12 @@ def test_backend_cli_and_mismatch(setup, tmp_path, hierax_home):
     onnx_file = next((hierax_home / "exports").glob("*.onnx"))
     with pytest.raises(HieraxError, match="backend torchscript runs torchscript files"):
         load_with_backend(onnx_file, "torchscript")
+
+
+def test_export_time_is_reported_apart(setup, hierax_home):
+    """The first run exports (the runner says how long it took); later runs reuse the file and export nothing."""
+    ckpt, _ = setup
+    first, _ = load_with_backend(ckpt, "torchscript", size=(64, 64))
+    assert first.export_seconds > 0
+    again, info = load_with_backend(ckpt, "torchscript", size=(64, 64))
+    assert again.export_seconds == 0.0 and info.size == (64, 64)

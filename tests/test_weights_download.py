@@ -1,18 +1,23 @@
 """Downloads from a local HTTP server on 127.0.0.1: good file, sha mismatch, broken transfer, missing file,
-offline mode, no network, and the cache on a second call."""
+offline mode, no network, the cache on a second call, and `hierax weights download`."""
 
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import hierax
+from hierax.cli import main
 from hierax.errors import DownloadError, OfflineError
 from hierax.models import create_model
 from hierax.weights import catalog
-from hierax.weights.download import cache_dir, fetch
+from hierax.weights.download import fetch
 from hierax.weights.files import ModelInfo, write_checkpoint
+from hierax.weights.paths import cache_dir
 from tests.conftest import TINY
 
 
@@ -71,6 +76,7 @@ def test_offline_names_file_and_place(hierax_home, monkeypatch):
         hierax.load_pretrained_model("hieradet_small_dino-v2-inat21")
     message = str(err.value)
     assert "hieradet_d_small_dino-v2-inat21.pt" in message and entry.sha256 in message
+    assert "hierax weights download hieradet_small_dino-v2-inat21" in message and "hierax weights import" in message
     assert str(hierax_home / "weights" / "hieradet_d_small_dino-v2-inat21.pt") in message
 
 
@@ -90,3 +96,33 @@ def test_local_path_entry(tmp_path, payload):
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
     with pytest.raises(ValueError, match="exactly one"):
         hierax.register_weights("x", network="hieradet_d_tiny", resolution=64)
+
+
+def test_cli_download_into_the_cache_with_a_progress_bar(file_server, hierax_home, payload):
+    """`hierax weights download NAME` in another process, for a name that process knows from the user registry."""
+    file_server.files["tiny_cli.pt"] = payload
+    sha = hashlib.sha256(payload).hexdigest()
+    hierax.register_weights(
+        "tiny-cli", network="hieradet_d_tiny", resolution=64, url=file_server.url("tiny_cli.pt"), sha256=sha,
+        persist=True,
+    )  # fmt: skip
+    env = {**os.environ, "HIERAX_HOME": str(hierax_home)}
+    env.pop("HIERAX_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "hierax", "weights", "download", "tiny-cli"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cached = hierax_home / "weights" / "tiny_cli.pt"
+    assert cached.read_bytes() == payload and str(cached) in result.stdout
+    assert "tiny_cli.pt" in result.stderr and "100%" in result.stderr  # tqdm's bar
+    assert not _leftovers()
+    assert main(["weights", "download", "tiny-cli"]) == 0  # cached: no second transfer
+    assert file_server.hits["tiny_cli.pt"] == 1
+
+
+def test_every_name_is_checked_before_the_first_download(file_server, hierax_home, payload, capsys):
+    file_server.files["tiny_first.pt"] = payload
+    _register("tiny-first", file_server.url("tiny_first.pt"), None)
+    assert main(["weights", "download", "tiny-first", "no-such-weights"]) == 1
+    assert "no-such-weights" in capsys.readouterr().err and "tiny_first.pt" not in file_server.hits

@@ -8,7 +8,8 @@ import torch
 import hierax
 from hierax.errors import CheckpointError, ModelNotFoundError
 from hierax.models import create_model
-from hierax.weights.files import ModelInfo, convert_state_dict, read_checkpoint, write_checkpoint
+from hierax.weights.convert import convert_state_dict
+from hierax.weights.files import ModelInfo, read_checkpoint, write_checkpoint
 from tests.conftest import TINY, inat_names
 
 

@@ -16,6 +16,10 @@ class CheckpointError(HieraxError):
     """A checkpoint file that cannot be read, is incomplete, or belongs to another architecture."""
 
 
+class NoClassifierError(HieraxError):
+    """A backbone without a classifier (0 classes) was asked for species: it gives embeddings only."""
+
+
 class DownloadError(HieraxError):
     """A download failed: network error, HTTP error, or a sha256 mismatch."""
 

@@ -17,7 +17,6 @@ from hierax.data.images import ImageSource, load_image, to_rgb
 from hierax.errors import HieraxError
 from hierax.models.fastpath import native_half_dtypes
 from hierax.transforms import five_crop_views
-from hierax.weights.files import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +48,6 @@ def bf16_autocast(device: torch.device, amp: bool) -> contextlib.AbstractContext
 
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
-
-
-def require_classifier(info: ModelInfo, purpose: str) -> None:
-    """HieraxError unless the model has a classifier: a backbone (num_classes 0, what `hierax pretrain` writes,
-    or a registry backbone) gives embeddings, not species, so a job that needs species stops before any work."""
-    if info.num_classes == 0:
-        raise HieraxError(
-            f"this model ({info.network}) is a backbone without a classifier, so it cannot {purpose}: use "
-            "`hierax embed` for its embeddings, or `hierax train DATA --init-from MODEL` to train a classifier on it"
-        )
 
 
 def check_stages(stages: Sequence[str]) -> list[str]:

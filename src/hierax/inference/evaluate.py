@@ -23,12 +23,12 @@ from hierax.atomic import atomic_write
 from hierax.data.datasets import LabelledData, load_labelled
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, top_k
 from hierax.errors import HieraxError
-from hierax.inference.classification import require_classifier
 from hierax.inference.loading import ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.inference.metrics import topk_correct
 from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
+from hierax.weights.files import require_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def evaluate(
     if len(data) == 0:
         raise HieraxError(f"no images found in the dataset {dataset}")
     net, info = resolve_model(model, device=device, size=size, backend=backend)
-    require_classifier(info, "be evaluated on species")
+    require_classifier(info, "evaluate species predictions")
     names = load_common_names(common_names, info.class_names) if common_names else None
     model_labels = map_labels(data, Taxonomy(info.class_names, names))
     transform = classification_transform(info.size, info.rgb_stats)

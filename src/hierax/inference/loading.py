@@ -19,11 +19,10 @@ from tqdm.auto import tqdm
 
 from hierax.data.datasets import ImageDataset, collate_samples, default_workers
 from hierax.distributed import default_device
-from hierax.export import load_with_backend
 from hierax.inference.classification import check_stages, infer_batch, infer_stages
 from hierax.sizes import check_size
 from hierax.weights.files import ModelInfo
-from hierax.weights.load import load_pretrained_model
+from hierax.weights.load import load_pretrained_model, load_with_backend
 
 ModelSpec = str | os.PathLike | tuple[torch.nn.Module, ModelInfo]
 
@@ -36,7 +35,7 @@ def resolve_model(
     backend: str = "torch",
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """(net, info) in eval mode from a name, a path, or an already loaded pair; `size` overrides info.size.
-    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.export.load_with_backend."""
+    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.weights.load.load_with_backend."""
     size = check_size(size) if size is not None else None
     if isinstance(model, tuple):
         net, info = model

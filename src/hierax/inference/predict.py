@@ -25,14 +25,14 @@ from hierax.data.sources import find_images
 from hierax.distributed import close_distributed
 from hierax.errors import HieraxError
 from hierax.inference import formats, writers
-from hierax.inference.classification import check_stages, device_and_dtype, require_classifier
+from hierax.inference.classification import check_stages, device_and_dtype
 from hierax.inference.loading import BatchResult, ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.inference.rows import EmbeddingRows, PredictionRows
 from hierax.inference.sharding import Shards, join_ranks
 from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
-from hierax.weights.files import ModelInfo
+from hierax.weights.files import ModelInfo, require_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def predict(
     (class names, binomials, common names) that predictions are restricted to and renormalised over; only they
     fill the top-k columns. rollup: add the deepest rank whose summed probability passes `thresholds` (species
     0.8, genus 0.6, family 0.4 by default). backend: torch, onnxruntime or torchscript (see
-    hierax.export.load_with_backend)."""
+    hierax.weights.load.load_with_backend)."""
     if top_k < 1:
         raise HieraxError("top_k must be at least 1")
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hierax.data.images import MAX_PIXELS, decode_image
 from hierax.data.taxonomy import DEFAULT_THRESHOLDS, Taxonomy, top_k
 from hierax.errors import ImageDecodeError
-from hierax.inference.classification import infer_batch, require_classifier
+from hierax.inference.classification import infer_batch
 from hierax.serve.batcher import MicroBatcher
 from hierax.serve.schemas import (
     ClassifyResponse,
@@ -42,7 +42,7 @@ from hierax.serve.schemas import (
 )
 from hierax.serve.upload import ApiError, read_image_upload
 from hierax.transforms import classification_transform
-from hierax.weights.files import ModelInfo
+from hierax.weights.files import ModelInfo, require_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def create_app(
 
     Endpoints: POST /v1/classify, POST /v1/embed, GET /v1/models, GET /healthz, the page at /, and the
     OpenAPI schema at /openapi.json (docs at /docs). A backbone without a classifier is refused (HieraxError)."""
-    require_classifier(info, "be served for classification")
+    require_classifier(info, "serve species predictions")
     net.eval()
     model = ServedModel(
         name or info.network,

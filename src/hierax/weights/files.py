@@ -1,13 +1,15 @@
-"""Checkpoint files: the reference `.pt` layout and `.safetensors` with the same metadata, ModelInfo, and the
-SAM 2 / timm key converters. Nothing else in hierax parses checkpoint files.
+"""Checkpoint files: the reference `.pt` layout and `.safetensors` with the same metadata, and ModelInfo.
+Nothing else in hierax parses checkpoint files.
 
 `.pt` is a `torch.save` of {state, birder_version, task, signature, class_to_idx, rgb_stats[, config]} plus
 hierax's own `network` key (ignored by the reference). It is read with `torch.load(weights_only=True)`, so
-no code is ever unpickled."""
+no code is ever unpickled. The metadata is checked when read (`info_from_metadata`), so a malformed field is a
+CheckpointError naming it rather than a KeyError later."""
 
 from __future__ import annotations
 
 import json
+import numbers
 import pickle
 import re
 import zipfile
@@ -16,13 +18,19 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from hierax.atomic import atomic_write
-from hierax.errors import CheckpointError
+from hierax.errors import CheckpointError, HieraxError, NoClassifierError
+from hierax.models.configs import NETWORK_CONFIGS, list_networks
+from hierax.sizes import check_size
 from hierax.transforms import get_size_from_signature, make_signature, normalize_stats
+from hierax.weights.convert import convert_state_dict
+from hierax.weights.formats import MODEL_FILE, suffix_of
 
 FORMAT_VERSION = f"hierax-{package_version('hierax')}"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+JSON_FIELDS = ("class_to_idx", "signature", "rgb_stats", "config")  # stored as JSON text where metadata is text
 
 
 @dataclass
@@ -49,12 +57,10 @@ class ModelInfo:
         task: str = "image_classification",
     ) -> ModelInfo:
         """A ModelInfo for `network` at input `size`, with the reference rgb stats unless given."""
-        if isinstance(size, int):
-            size = (size, size)
         return cls(
             network=network,
             class_to_idx=dict(class_to_idx),
-            signature=make_signature(size, len(class_to_idx)),
+            signature=make_signature(check_size(size), len(class_to_idx)),
             rgb_stats=normalize_stats(rgb_stats),
             config=dict(config or {}),
             task=task,
@@ -76,10 +82,8 @@ class ModelInfo:
 
     def with_size(self, size: tuple[int, int] | int) -> ModelInfo:
         """A copy whose signature declares input `size`."""
-        if isinstance(size, int):
-            size = (size, size)
         outputs = self.signature["outputs"][0]["data_shape"][1]
-        return ModelInfo(**{**self.__dict__, "signature": make_signature(size, outputs)})
+        return ModelInfo(**{**self.__dict__, "signature": make_signature(check_size(size), outputs)})
 
     def metadata(self) -> dict:
         """The reference's metadata fields (plus `network`), as stored in a checkpoint."""
@@ -96,6 +100,110 @@ class ModelInfo:
         return meta
 
 
+def require_classifier(info: ModelInfo, purpose: str) -> None:
+    """NoClassifierError unless the model has a classifier: a backbone (what `hierax pretrain` writes, or the
+    registry's dino-v2 and sam2_1 entries) gives embeddings, not species. `purpose` is what was asked ("predict",
+    "evaluate", "serve") and appears in the message."""
+    if info.num_classes > 0:
+        return
+    raise NoClassifierError(
+        f"cannot {purpose}: this {info.network} model is a backbone without a classifier (0 classes). Use "
+        "`hierax embed` for its embeddings, or fine-tune a classifier on it with "
+        "`hierax train --init-from MODEL ...` and use the model.pt that writes."
+    )
+
+
+# ---- checking the metadata ----
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_signature(signature: object, where: str) -> dict:
+    try:
+        inputs = signature["inputs"][0]["data_shape"]
+        outputs = signature["outputs"][0]["data_shape"]
+        if len(inputs) != 4 or len(outputs) != 2 or not all(_is_int(v) for v in [*inputs, *outputs]):
+            raise ValueError(f"data shapes {inputs} and {outputs}")
+        check_size((inputs[2], inputs[3]), what="its input")
+    except (KeyError, IndexError, TypeError, ValueError, HieraxError) as err:
+        reason = f"no {err}" if isinstance(err, KeyError) else str(err) or type(err).__name__
+        raise CheckpointError(
+            f"{where}: malformed 'signature' field ({reason}); expected "
+            "{'inputs': [{'data_shape': [0, 3, H, W]}], 'outputs': [{'data_shape': [0, N]}]}"
+        ) from None
+    return signature
+
+
+def _check_class_to_idx(class_to_idx: object, where: str) -> dict[str, int]:
+    if not isinstance(class_to_idx, dict) or not all(_is_int(v) for v in class_to_idx.values()):
+        raise CheckpointError(f"{where}: malformed 'class_to_idx' field (expected {{name: index}})")
+    checked = {str(k): int(v) for k, v in class_to_idx.items()}
+    if sorted(checked.values()) != list(range(len(checked))):
+        raise CheckpointError(f"{where}: 'class_to_idx' indices are not 0..{len(checked) - 1}, each once")
+    return checked
+
+
+def _check_rgb_stats(rgb_stats: object, where: str) -> dict[str, list[float]]:
+    try:
+        stats = normalize_stats(rgb_stats)
+        if len(stats["mean"]) != 3 or len(stats["std"]) != 3 or min(stats["std"]) <= 0:
+            raise ValueError("three means and three positive stds")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: malformed 'rgb_stats' field (expected {{'mean': [3 floats], 'std': [3 floats]}}: {err})"
+        ) from None
+    return stats
+
+
+def info_from_metadata(
+    meta: dict,
+    where: str | Path,
+    *,
+    network: str,
+    num_outputs: int | None,
+    file_format: str,
+    required: tuple[str, ...] = (),
+) -> ModelInfo:
+    """A checked ModelInfo from a file's metadata. `num_outputs` is the classifier's (0: a backbone, which has
+    no classes whatever its class_to_idx says; None: as many as class_to_idx names). Fields in `required` must be
+    present; the others have defaults (class_0.. without class names, 224x224 without a signature, the
+    reference rgb stats)."""
+    where = str(where)
+    missing = [name for name in required if name not in meta]
+    if missing:
+        raise CheckpointError(f"{where} lacks hierax metadata ({', '.join(missing)}); write or export it with hierax")
+    class_to_idx = meta.get("class_to_idx")
+    if class_to_idx is not None:
+        class_to_idx = _check_class_to_idx(class_to_idx, where)
+    if num_outputs is None:
+        num_outputs = len(class_to_idx or {})
+    if class_to_idx is None or num_outputs == 0:
+        class_to_idx = {f"class_{i}": i for i in range(num_outputs)}
+    if len(class_to_idx) != num_outputs:
+        raise CheckpointError(
+            f"{where}: 'class_to_idx' names {len(class_to_idx)} classes but the classifier has {num_outputs} outputs"
+        )
+    config = meta.get("config") or {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: malformed 'config' field (expected a JSON object)")
+    signature = meta.get("signature")
+    return ModelInfo(
+        network=network,
+        class_to_idx=class_to_idx,
+        signature=make_signature((224, 224), num_outputs) if signature is None else _check_signature(signature, where),
+        rgb_stats=_check_rgb_stats(meta.get("rgb_stats"), where),
+        config=dict(config),
+        task=str(meta.get("task", "image_classification")),
+        version=str(meta.get("birder_version", meta.get("version", FORMAT_VERSION))),
+        file_format=file_format,
+    )
+
+
+# ---- writing and reading ----
+
+
 def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor] | torch.nn.Module, info: ModelInfo) -> Path:
     """Write a model checkpoint atomically; `.safetensors` by suffix, else the reference `.pt` layout."""
     path = Path(path)
@@ -103,14 +211,17 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor] | tor
         state_dict = state_dict.state_dict()
     state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     meta = info.metadata()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
+    if suffix_of(path) == ".safetensors":
         text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=text_meta))
     else:
         atomic_write(path, lambda tmp: torch.save({"state": state, **meta}, tmp))
     return path
+
+
+def _is_training_state(obj: dict) -> bool:
+    """hierax's training_state.pt: the raw weights beside the optimizer, EMA and step, for --resume."""
+    return "optimizer" in obj and "model" in obj and ("step" in obj or "ema" in obj)
 
 
 def _read_pt(path: Path) -> tuple[dict, dict]:
@@ -128,6 +239,11 @@ def _read_pt(path: Path) -> tuple[dict, dict]:
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if _is_training_state(obj):
+        raise CheckpointError(
+            f"{path} is a training state (weights with optimizer, EMA and step, for `hierax train --resume`), "
+            f"not a model with its classes: use {path.parent / MODEL_FILE}, which the same run writes"
+        )
     if "state" in obj:
         state = obj["state"]
         meta = {k: v for k, v in obj.items() if k != "state"}
@@ -137,12 +253,12 @@ def _read_pt(path: Path) -> tuple[dict, dict]:
         state, meta = obj, {}
     else:
         raise CheckpointError(f"{path} has no 'state' entry; keys: {', '.join(map(str, list(obj)[:8]))}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state' is not a dict of tensors")
     return state, meta
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw_meta = handle.metadata() or {}
@@ -154,18 +270,10 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     meta = {}
     for key, value in raw_meta.items():
         try:
-            meta[key] = json.loads(value) if key in ("class_to_idx", "signature", "rgb_stats", "config") else value
+            meta[key] = json.loads(value) if key in JSON_FIELDS else value
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: metadata field '{key}' is not valid JSON") from None
     return state, meta
-
-
-def _num_outputs(state: dict, meta: dict) -> int:
-    if "classifier.weight" in state:
-        return int(state["classifier.weight"].shape[0])
-    if "signature" in meta:
-        return int(meta["signature"]["outputs"][0]["data_shape"][1])
-    return 0
 
 
 def read_checkpoint(path: str | Path, network: str | None = None) -> tuple[dict[str, torch.Tensor], ModelInfo]:
@@ -178,33 +286,20 @@ def read_checkpoint(path: str | Path, network: str | None = None) -> tuple[dict[
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes). Download it again.")
-    state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
+    is_safetensors = suffix_of(path) == ".safetensors"
+    state, meta = _read_safetensors(path) if is_safetensors else _read_pt(path)
     state = convert_state_dict(state)
     network = (
         network or meta.get("network") or network_from_filename(path.name) or infer_network(state, meta.get("config"))
     )
-    class_to_idx = meta.get("class_to_idx")
-    num_outputs = _num_outputs(state, meta)
-    if not class_to_idx or len(class_to_idx) != num_outputs:
-        class_to_idx = {f"class_{i}": i for i in range(num_outputs)}
-    signature = meta.get("signature") or make_signature((224, 224), num_outputs)
-    info = ModelInfo(
-        network=network,
-        class_to_idx={str(k): int(v) for k, v in class_to_idx.items()},
-        signature=signature,
-        rgb_stats=normalize_stats(meta.get("rgb_stats")),
-        config=dict(meta.get("config") or {}),
-        task=str(meta.get("task", "image_classification")),
-        version=str(meta.get("birder_version", FORMAT_VERSION)),
-        file_format="safetensors" if path.suffix == ".safetensors" else "pt",
-    )
+    num_outputs = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
+    file_format = "safetensors" if is_safetensors else "pt"
+    info = info_from_metadata(meta, path, network=network, num_outputs=num_outputs, file_format=file_format)
     return state, info
 
 
 def network_from_filename(filename: str) -> str | None:
     """The longest known network name that `filename` starts with (e.g. 'hieradet_d_small_dino-v2.pt')."""
-    from hierax.models import list_networks
-
     matches = [
         n for n in list_networks() if filename == n or filename.startswith(n + "_") or filename.startswith(n + ".")
     ]
@@ -214,8 +309,6 @@ def network_from_filename(filename: str) -> str | None:
 def infer_network(state: dict[str, torch.Tensor], config: dict | None = None) -> str:
     """Guess the network from a state dict's shapes (after the file's config overrides). Windowed and `_d_`
     variants have identical tensors, so the `_d_` variant (the one the classification weights use) is assumed."""
-    from hierax.models.configs import NETWORK_CONFIGS
-
     if "pos_embed" not in state:
         raise CheckpointError("not a HieraDet checkpoint: no 'pos_embed' tensor")
     dim = int(state["pos_embed"].shape[1])
@@ -229,53 +322,3 @@ def infer_network(state: dict[str, torch.Tensor], config: dict | None = None) ->
         if name.startswith("hieradet_d_") and cfg.embed_dim == dim and list(cfg.depths) == depths:
             return name
     raise CheckpointError(f"no known HieraDet network has width {dim} and depths {depths}")
-
-
-_SAM2_PREFIXES = ("image_encoder.trunk.", "trunk.", "module.")
-_FLAT_RENAMES = [
-    (r"^pos_embed_window$", "pos_embed_win"),
-    (r"^patch_embed\.proj\.", "stem.proj."),
-    (r"\.mlp\.layers\.0\.", ".mlp.0."),
-    (r"\.mlp\.layers\.1\.", ".mlp.3."),
-    (r"\.mlp\.fc1\.", ".mlp.0."),
-    (r"\.mlp\.fc2\.", ".mlp.3."),
-    (r"^head\.norm\.", "features.0."),
-    (r"^head\.fc\.", "classifier."),
-]
-
-
-def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map SAM 2 (`image_encoder.trunk.*`, `mlp.layers.0/1`) and timm `sam2_hiera_*` (`mlp.fc1/fc2`,
-    `head.fc`) state dicts to hierax names; hierax/reference dicts pass through unchanged. Other SAM 2 parts
-    (neck, decoders) are dropped; SAM 2 has no final LayerNorm, so an identity one is added. Flat `blocks.{i}` are split
-    into stages where a block has a `proj` (the first block of stages 2-4)."""
-    if any(k.startswith("body.") for k in state):
-        return state
-    trunk = {}
-    for key, value in state.items():
-        for prefix in _SAM2_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        if key.startswith(("pos_embed", "patch_embed.", "blocks.", "head.")):
-            trunk[key] = value
-    if not any(k.startswith("blocks.") for k in trunk):
-        return state
-    block_ids = sorted({int(k.split(".")[1]) for k in trunk if k.startswith("blocks.")})
-    stage_of, stage, index = {}, 1, 0
-    for b in block_ids:
-        if f"blocks.{b}.proj.weight" in trunk and b != block_ids[0]:
-            stage, index = stage + 1, 0
-        stage_of[b] = f"body.stage{stage}.{index}"
-        index += 1
-    out = {}
-    for key, value in trunk.items():
-        if key.startswith("blocks."):
-            _, b, rest = key.split(".", 2)
-            key = f"{stage_of[int(b)]}.{rest}"
-        for pattern, repl in _FLAT_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    if "features.0.weight" not in out:
-        width = out[f"{stage_of[block_ids[-1]]}.mlp.3.weight"].shape[0]
-        out["features.0.weight"], out["features.0.bias"] = torch.ones(width), torch.zeros(width)
-    return out

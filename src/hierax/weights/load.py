@@ -1,58 +1,76 @@
-"""`load_pretrained_model`: name or path -> (network with weights, ModelInfo).
+"""`load_pretrained_model`: name or path -> (network with weights, ModelInfo), and `load_with_backend`: the
+same model to run on torch, ONNX Runtime or TorchScript.
 
-resolve (catalog) -> fetch (download) -> read_checkpoint (files) -> create_model -> load_state_dict(strict).
-Exported files (.onnx, .ts, .pt2) go to hierax.export's runtimes instead."""
+resolve_file (catalog.resolve -> download.fetch) -> read_checkpoint (files) -> build_from_state (create_model,
+strict load). Exported files (.onnx, .ts, .pt2) go to hierax.export's runners instead."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from hierax.errors import CheckpointError, ModelNotFoundError
-from hierax.models import HieraDet, create_model
-from hierax.models.hieradet import HieraDetConfig
+from hierax.errors import CheckpointError, HieraxError
+from hierax.export.metadata import read_export_metadata
+from hierax.export.runners import ExportedRunner, load_exported
+from hierax.export.write import export_model
+from hierax.models import HieraDet, HieraDetConfig, create_model
 from hierax.weights import catalog, download
-from hierax.weights.files import CHECKPOINT_SUFFIXES, ModelInfo, read_checkpoint
+from hierax.weights.cache import file_sha256, locate
+from hierax.weights.files import ModelInfo, read_checkpoint
+from hierax.weights.formats import EXPORT_FORMATS, export_format_for, is_exported
+from hierax.weights.paths import exports_dir
 
 logger = logging.getLogger(__name__)
-EXPORTED_SUFFIXES = (".onnx", ".ts", ".pt2")
-_CONFIG_FIELDS = set(HieraDetConfig.__dataclass_fields__)
-
-
-def _looks_like_path(name: str) -> bool:
-    return Path(name).suffix in CHECKPOINT_SUFFIXES + EXPORTED_SUFFIXES or "/" in name or "\\" in name
+CONFIG_FIELDS = frozenset(f.name for f in fields(HieraDetConfig))
+BACKENDS = {"torch": None, "onnxruntime": "onnx", "torchscript": "torchscript"}  # backend -> the format it runs
 
 
 def resolve_file(name_or_path: str | Path, *, progress: bool = True) -> tuple[Path, catalog.WeightsEntry | None]:
-    """The local checkpoint for a registry name (downloaded if needed) or an existing path, and its entry."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path, catalog.entry_for_filename(path.name)
-    name = str(name_or_path)
-    if _looks_like_path(name):
-        try:
-            entry = catalog.resolve(path.stem)
-        except ModelNotFoundError:
-            raise ModelNotFoundError(f"No such checkpoint file: {name}") from None
-        return download.fetch(entry, progress=progress), entry
-    entry = catalog.resolve(name)
-    return download.fetch(entry, progress=progress), entry
+    """The local file for a registry name (downloaded if needed), an existing path, or a training run's folder
+    (its model.pt), and the registry entry it belongs to, if any."""
+    path, entry = locate(name_or_path)
+    if path is None:
+        path = download.fetch(entry, progress=progress)
+    return path, entry
 
 
-def build_from_state(state: dict[str, torch.Tensor], info: ModelInfo) -> HieraDet:
-    """Create info.network with info.config and load `state` strictly; CheckpointError on any mismatch."""
-    config = {k: v for k, v in info.config.items() if k in _CONFIG_FIELDS}
-    ignored = sorted(set(info.config) - _CONFIG_FIELDS)
+def build_from_state(
+    state: dict[str, torch.Tensor], info: ModelInfo, *, num_classes: int | None = None, config: dict | None = None
+) -> HieraDet:
+    """Create info.network with info.config (updated by `config`) and load `state` strictly; CheckpointError on
+    any mismatch. The classifier is the state's, unless `num_classes` asks for another number of classes (or a
+    head the state lacks): then it is new and randomly initialised, as when fine-tuning on other classes."""
+    merged = {**info.config, **(config or {})}
+    ignored = sorted(set(merged) - CONFIG_FIELDS)
     if ignored:
         logger.debug("Ignoring config keys hierax's HieraDet does not use: %s", ", ".join(ignored))
-    num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
-    net = create_model(info.network, num_classes, **config)
-    result = net.load_state_dict(state, strict=False)
+    head = state.get("classifier.weight")
+    state_classes = int(head.shape[0]) if head is not None else 0
+    new_head = num_classes is not None and num_classes != state_classes
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        had = f"the file's {state_classes}-class one" if state_classes else "none in the file"
+        logger.info("a new %d-class classifier (%s)", num_classes, had)
+    net = create_model(
+        info.network,
+        state_classes if num_classes is None else num_classes,
+        **{k: v for k, v in merged.items() if k in CONFIG_FIELDS},
+    )
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: name the first two, on one line
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise CheckpointError(f"checkpoint does not fit network '{info.network}': {detail}") from None
+    missing = [k for k in result.missing_keys if not (new_head and k.startswith("classifier."))]
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} tensors (e.g. {', '.join(result.missing_keys[:3])})")
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
     if result.unexpected_keys:
         problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
     if problems:
@@ -69,24 +87,22 @@ def load_pretrained_model(
     new_size: tuple[int, int] | int | None = None,
     network: str | None = None,
     progress: bool = True,
-) -> tuple[torch.nn.Module, ModelInfo]:
+) -> tuple[nn.Module | ExportedRunner, ModelInfo]:
     """Load a pretrained model by registry name or file path. Returns (net, model_info).
 
     inference=True puts the net in eval mode with gradients off. new_size changes the input size the
     signature declares (HieraDet takes any size). `network` overrides the network a file would imply."""
-    if Path(name_or_path).suffix in EXPORTED_SUFFIXES and Path(name_or_path).is_file():
-        from hierax.export import load_exported
-
-        net, info = load_exported(name_or_path, device=device)
-        return net, info.with_size(new_size) if new_size else info
     path, entry = resolve_file(name_or_path, progress=progress)
+    if is_exported(path):
+        net, info = load_exported(path, device=device)
+        return net, info.with_size(new_size) if new_size else info
     state, info = read_checkpoint(path, network=network or (entry.network if entry else None))
     if entry:
         info.config = {**entry.config, **info.config}
     try:
         net = build_from_state(state, info)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit network '{info.network}': {err}") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     if new_size:
         info = info.with_size(new_size)
     if device is not None or dtype is not None:
@@ -96,35 +112,75 @@ def load_pretrained_model(
     return net, info
 
 
-def describe(name_or_path: str | Path, *, progress: bool = True) -> dict:
-    """What `hierax info` prints: network, classes, input size, rgb stats, parameter count, file format.
-    Exported graphs (.onnx, .ts, .pt2) report their stored metadata and export options instead of a count."""
-    path, entry = resolve_file(name_or_path, progress=progress)
-    extra = {}
-    if path.suffix in EXPORTED_SUFFIXES:
-        from hierax.export import read_export_metadata
-
-        info, extra["export_options"] = read_export_metadata(path)
-        num_params = None
+def register_file(
+    name: str,
+    path: str | Path,
+    *,
+    network: str | None = None,
+    resolution: tuple[int, int] | None = None,
+    description: str = "",
+    aliases: tuple[str, ...] = (),
+    persist: bool = True,
+) -> catalog.WeightsEntry:
+    """Register a model file of one's own under `name` (in the user registry unless persist=False), with the
+    network, input size, classes and config its metadata records (`network` and `resolution` override them),
+    and its sha256 and size."""
+    path = Path(path).expanduser()
+    if is_exported(path):
+        info, _ = read_export_metadata(path)
     else:
-        state, info = read_checkpoint(path, network=entry.network if entry else None)
-        num_params = int(sum(t.numel() for t in state.values()))
-    if entry:
-        info.config = {**entry.config, **info.config}
-    names = info.class_names
-    return {
-        "name": entry.name if entry else None,
-        "path": str(path),
-        "file_format": info.file_format,
-        "file_size_mib": round(path.stat().st_size / 2**20, 1),
-        "network": info.network,
-        "task": info.task,
-        "num_classes": info.num_classes,
-        "classes_sample": names[:5],
-        "input_size": list(info.size),
-        "rgb_stats": info.rgb_stats,
-        "num_params": num_params,
-        "config": info.config,
-        "version": info.version,
-        **extra,
-    }
+        _, info = read_checkpoint(path, network=network)
+    return catalog.register_weights(
+        name,
+        network=network or info.network,
+        resolution=resolution or info.size,
+        path=path,
+        sha256=file_sha256(path),
+        size_mib=round(path.stat().st_size / 2**20, 1),
+        num_classes=info.num_classes,
+        description=description,
+        aliases=aliases,
+        config=info.config,
+        persist=persist,
+    )
+
+
+def _export_cache_file(source: Path, size: tuple[int, int], fmt: str) -> Path:
+    """Where the `fmt` export of `source` at `size` is kept: keyed by the source file, its size and time."""
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return exports_dir() / f"{source.stem}-{size[0]}x{size[1]}-{digest}{EXPORT_FORMATS[fmt]}"
+
+
+def load_with_backend(
+    model: str | Path,
+    backend: str,
+    *,
+    device: str | torch.device | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[nn.Module | ExportedRunner, ModelInfo]:
+    """Load `model` (a registry name, checkpoint or exported file) to run on `backend`: torch, onnxruntime or
+    torchscript. A checkpoint or name is exported once (ONNX with dynamic batch and size; TorchScript at its
+    input size) into `$HIERAX_HOME/exports`, keyed by the source file, its size and time, and the input size.
+    The runner's `export_seconds` says how long that export took in this call (0 when the file existed)."""
+    if backend not in BACKENDS:
+        raise HieraxError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    fmt = BACKENDS[backend]
+    source, _ = resolve_file(model)
+    if fmt is None or is_exported(source):
+        if fmt is not None and export_format_for(source) != fmt:
+            raise HieraxError(f"{model} is a {export_format_for(source)} file; backend {backend} runs {fmt} files")
+        return load_pretrained_model(model, inference=True, device=device, new_size=size)
+    net, info = load_pretrained_model(source, inference=True, new_size=size)
+    target = _export_cache_file(source, info.size, fmt)
+    seconds = 0.0
+    if not target.is_file():
+        logger.info("Exporting %s for %s once, to %s", source.name, backend, target)
+        start = time.perf_counter()
+        export_model(net, info, target, dynamic_batch=True, dynamic_size=fmt == "onnx")
+        seconds = time.perf_counter() - start
+        logger.info("Exported in %.1f s; later runs reuse the file", seconds)
+    runner, exported_info = load_exported(target, device=device)
+    runner.export_seconds = seconds
+    return runner, exported_info.with_size(info.size)
