@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from skimage import data
 
 from hierax.data.images import decode_image, load_image
@@ -47,6 +47,18 @@ def test_bad_inputs_have_reasons(tmp_path):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(tmp_path / "missing.jpg")
     assert err.value.reason == "not_found"
+
+
+def test_truncated_files_are_refused_whatever_pillows_global_says(monkeypatch):
+    """Another library in the process (MegaDetector's, on import) may set Pillow's LOAD_TRUNCATED_IMAGES."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    photo = Image.fromarray(data.coffee())
+    for fmt in ("JPEG", "PNG"):
+        payload = _encode(photo, fmt)
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(payload[: len(payload) // 2])
+        assert err.value.reason == "truncated", fmt
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
 
 
 def test_load_image_inputs():

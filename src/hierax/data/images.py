@@ -6,13 +6,16 @@ decompression bomb, too small), so batch jobs can record it and carry on.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hierax.errors import ImageDecodeError
 
@@ -116,9 +119,27 @@ def _decode_torchvision(data: bytes) -> torch.Tensor:
     return image
 
 
+_TRUNCATION_FLAG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _refuse_truncated_images() -> Iterator[None]:
+    """Hold Pillow's process-wide LOAD_TRUNCATED_IMAGES off while hierax decodes: other libraries set it on import
+    (MegaDetector's visualisation module does), and with it a cut-off file decodes as if it were whole."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _TRUNCATION_FLAG:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
 def _decode_pillow(data: bytes) -> torch.Tensor:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _refuse_truncated_images():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.seek(0)
