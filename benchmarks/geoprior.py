@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +87,9 @@ def main() -> None:
         for name, fitter in contenders.items():
             best[name] = min(best[name], time_steps(fitter, args.steps))
     steps_per_epoch = contenders["full"].steps_per_epoch
-    print(f"{args.records:,} records, {args.species:,} species, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    print(f"{args.records:,} records, {args.species:,} species, batch {args.batch_size}, {threads} threads")
+    print(f"load average at the end: {load:.1f} (other processes on this machine)")
     print(f"{steps_per_epoch} steps per epoch; seconds per epoch extrapolated from {args.steps} steps x {args.rounds}")
     for name, seconds in best.items():
         print(f"  {name:>8}: {seconds:.3f} s/step, {seconds * steps_per_epoch / 60:.1f} min/epoch")

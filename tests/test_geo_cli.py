@@ -107,6 +107,7 @@ def _weights(path):
     return {k: v.clone() for k, v in load_prior(path).net.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_weights(world_files, tmp_path):
     _, annotations, classes = world_files
     common = ["--model", classes, "--epochs", 3, "--batch-size", 16, "--checkpoint-every", 5, "--quiet"]

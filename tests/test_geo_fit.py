@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hierax.data.metadata import capture_context
 from hierax.errors import HieraxError
 from hierax.geo import FitConfig, combine, fit_prior, read_annotations, read_class_names
+from hierax.geo.annotations import annotation_rows
 from hierax.geo.fit import state_path_for
 from tests.data_fixtures import make_checkpoint
 from tests.test_geo_synthetic import (
@@ -116,6 +118,11 @@ def test_categories_match_binomials_and_bad_records_are_counted(tmp_path):
     undated, undated_summary = read_annotations(path, binomials, use_date=False)
     assert len(undated) == len(records) and undated_summary.no_date == 0
     assert any("match no model class" in line for line in summary.lines())
+
+    rows = annotation_rows(path, root="/data")  # what evaluate needs per image path
+    first = capture_context(None, rows[f"/data/train/{world[labels[0]].dir_name}/0.jpg"])
+    assert (first.latitude, first.location_source) == (round(float(lat[0]), 5), "csv")
+    assert first.date.timetuple().tm_yday == day[0] + 1
 
 
 def test_annotation_files_that_cannot_be_fitted(tmp_path):

@@ -203,6 +203,8 @@ def parse_date(value: Any) -> dt.date | None:
         return value.date()
     if isinstance(value, dt.date):
         return value
+    if value is not None and not isinstance(value, str | bytes):
+        value = str(value)  # e.g. numpy.datetime64, whose text is ISO
     stamp = parse_exif_datetime(value)
     return stamp.date() if stamp else None
 

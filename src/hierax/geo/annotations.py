@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -187,8 +188,7 @@ def read_annotations(path: str | Path, class_names: list[str], *, use_date: bool
             else "no record has a usable location" + (" and date (try --no-date)" if use_date else "")
         )
         raise HieraxError(f"{path}: nothing to fit: {hint}")
-    for line in summary.lines():
-        logger.info("%s", line)
+    logger.debug("annotations %s: %s", path, "; ".join(summary.lines()))
     records = Records(
         np.asarray(lat, dtype=np.float32),
         np.asarray(lon, dtype=np.float32),
@@ -198,3 +198,17 @@ def read_annotations(path: str | Path, class_names: list[str], *, use_date: bool
         common,
     )
     return records, summary
+
+
+def annotation_rows(path: str | Path, root: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per image of an iNat21-format file: {"latitude", "longitude", "date"} as written there, keyed by
+    os.path.join(root, file_name) exactly as hierax.data.datasets builds its paths (root: the file's folder
+    unless given). Feed a value to `hierax.data.metadata.capture_context(path, row)` (it checks the values)."""
+    path = Path(path)
+    doc = _load_json(path)
+    base = os.fspath(root) if root is not None else os.path.dirname(os.fspath(path))
+    rows = {}
+    for image in doc["images"]:
+        if isinstance(image, dict) and image.get("file_name"):
+            rows[os.path.join(base, image["file_name"])] = {k: image.get(k) for k in ("latitude", "longitude", "date")}
+    return rows
