@@ -81,6 +81,14 @@ class Capture:
         return None
 
 
+class _GPSProblem(Exception):
+    """Why a GPS value cannot be used (one of BROKEN_GPS_REASONS), raised inside parse_gps only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _text(value: Any) -> str | None:
     """An EXIF ASCII value as clean text (bytes decoded, NULs and spaces stripped); None when empty."""
     if isinstance(value, bytes):
@@ -92,19 +100,19 @@ def _text(value: Any) -> str | None:
 
 
 def _number(value: Any) -> float:
-    """One EXIF number: IFDRational, int, float, a (numerator, denominator) pair or numeric text. ValueError
-    ("unparseable") or ZeroDivisionError when it is not a usable number."""
+    """One EXIF number: IFDRational, int, float, a (numerator, denominator) pair or numeric text."""
     if isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, int) for v in value):
         if value[1] == 0:
-            raise ZeroDivisionError
+            raise _GPSProblem("zero_denominator")
         return value[0] / value[1]
-    if isinstance(value, bytes | str):
-        value = float(_text(value) or "nan")
     if getattr(value, "denominator", 1) == 0:  # Pillow's IFDRational with a zero denominator (reads as nan)
-        raise ZeroDivisionError
-    number = float(value)
+        raise _GPSProblem("zero_denominator")
+    try:
+        number = float(_text(value) or "nan") if isinstance(value, bytes | str) else float(value)
+    except (TypeError, ValueError):
+        raise _GPSProblem("unparseable") from None
     if not math.isfinite(number):
-        raise ValueError("unparseable")
+        raise _GPSProblem("unparseable")
     return number
 
 
@@ -119,10 +127,10 @@ def _degrees(value: Any) -> float:
     else:
         parts = [value]
     if not 1 <= len(parts) <= 3:
-        raise ValueError("unparseable")
+        raise _GPSProblem("unparseable")
     numbers = [_number(p) for p in parts]
-    if any(n < 0 for n in numbers[1:]) or any(n >= 60 for n in numbers[1:]):
-        raise OverflowError  # minutes or seconds out of range
+    if any(n < 0 or n >= 60 for n in numbers[1:]):
+        raise _GPSProblem("out_of_range")  # minutes or seconds
     sign = -1.0 if numbers[0] < 0 else 1.0
     return sign * (abs(numbers[0]) + sum(n / 60**i for i, n in enumerate(numbers[1:], start=1)))
 
@@ -135,7 +143,7 @@ def _apply_ref(degrees: float, ref: Any, negative: str, positive: str) -> float:
         return -abs(degrees)
     if text[0] == positive:
         return abs(degrees)
-    raise KeyError(text)
+    raise _GPSProblem("bad_reference")
 
 
 def parse_gps(gps: Mapping[int, Any] | None) -> tuple[float | None, float | None, str | None]:
@@ -152,13 +160,9 @@ def parse_gps(gps: Mapping[int, Any] | None) -> tuple[float | None, float | None
     try:
         lat = _apply_ref(_degrees(gps[_GPS_LAT]), gps.get(_GPS_LAT_REF), "S", "N")
         lon = _apply_ref(_degrees(gps[_GPS_LON]), gps.get(_GPS_LON_REF), "W", "E")
-    except ZeroDivisionError:
-        return None, None, "zero_denominator"
-    except KeyError:
-        return None, None, "bad_reference"
-    except OverflowError:
-        return None, None, "out_of_range"
-    except (ValueError, TypeError):
+    except _GPSProblem as problem:
+        return None, None, problem.reason
+    except (TypeError, ValueError):
         return None, None, "unparseable"
     if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
         return None, None, "out_of_range"
