@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from hierax.data.metadata import capture_context
-from hierax.errors import HieraxError
+from hierax.errors import CheckpointError, HieraxError
 from hierax.geo import FitConfig, combine, fit_prior, read_annotations, read_class_names
 from hierax.geo.annotations import annotation_rows
-from hierax.geo.fit import state_path_for
+from hierax.geo.fit import PriorFitter, state_path_for
 from tests.data_fixtures import make_checkpoint
 from tests.test_geo_synthetic import (
     bayes_rate,
@@ -138,6 +139,29 @@ def test_annotation_files_that_cannot_be_fitted(tmp_path):
     path = write_annotations(tmp_path / "a.json", make_world(), *sample(make_world(), 50, seed=4))
     with pytest.raises(HieraxError, match="no category matches a class of the model"):
         read_annotations(path, ["Alces alces", "Ursus arctos"])
+
+
+def test_a_fit_state_resumes_only_the_same_fit(tmp_path):
+    world = make_world()
+    records, _ = read_annotations(
+        write_annotations(tmp_path / "a.json", world, *sample(world, 200, seed=5)), class_names(world)
+    )
+    other, _ = read_annotations(
+        write_annotations(tmp_path / "b.json", world, *sample(world, 200, seed=6)), class_names(world)
+    )
+    config = FitConfig(epochs=1, batch_size=50)
+    fitter = PriorFitter(records, config)
+    fitter.train_step()
+    fitter.save_state(tmp_path / "state.pt")
+    resumed = PriorFitter(records, config)
+    resumed.load_state(tmp_path / "state.pt")
+    assert resumed.step == 1 and all(
+        torch.equal(a, b) for a, b in zip(resumed.net.parameters(), fitter.net.parameters())
+    )
+    with pytest.raises(CheckpointError, match="other records"):
+        PriorFitter(other, config).load_state(tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="other options"):
+        PriorFitter(records, FitConfig(epochs=1, batch_size=50, lr=0.1)).load_state(tmp_path / "state.pt")
 
 
 def test_an_unfinished_fit_is_not_overwritten(tmp_path):

@@ -34,6 +34,7 @@ import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,7 @@ class PriorFitter:
         self.step += 1
         return float(loss.detach())
 
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of the records, so that a resume refuses other data."""
         digest = hashlib.sha256()
@@ -191,7 +193,7 @@ class PriorFitter:
             "step": self.step,
             "total_steps": self.total,
             "hyperparameters": self.config.hyperparameters(),
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint,
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
@@ -204,7 +206,7 @@ class PriorFitter:
             raise CheckpointError(f"cannot read the fit state {path}: {err}") from None
         if state.get("hyperparameters") != self.config.hyperparameters():
             raise CheckpointError(f"{path} was written with other options; resume with the same ones, or delete it")
-        if state.get("fingerprint") != self.fingerprint() or state.get("total_steps") != self.total:
+        if state.get("fingerprint") != self.fingerprint or state.get("total_steps") != self.total:
             raise CheckpointError(f"{path} was written for other records or classes; resume on the same data")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
