@@ -14,7 +14,7 @@ from skimage import data as skdata
 
 from hierax.data.crops import CropDataset, CropPolicy, fill_from_stats, make_crop_loader
 from hierax.data.taxonomy import Taxonomy
-from hierax.inference.predict import iter_predictions
+from hierax.inference.loading import iter_predictions
 from hierax.interchange.megadetector import read_detections, select_detections
 from hierax.interchange.results import classify
 from hierax.models import create_model

@@ -19,9 +19,10 @@ import numpy as np
 
 from hierax.data.taxonomy import Taxonomy, parse_class_name
 from hierax.errors import HieraxError
-from hierax.export import read_export_metadata
+from hierax.export.metadata import read_export_metadata
 from hierax.weights.files import read_checkpoint
-from hierax.weights.load import EXPORTED_SUFFIXES, resolve_file
+from hierax.weights.formats import is_exported
+from hierax.weights.load import resolve_file
 
 CLASS_LIST_SUFFIXES = (".txt", ".json")
 
@@ -58,7 +59,7 @@ def read_class_names(model: str | os.PathLike) -> list[str]:
         names = _read_class_list(path)
     else:
         file, _ = resolve_file(model)
-        info = read_export_metadata(file)[0] if file.suffix in EXPORTED_SUFFIXES else read_checkpoint(file)[1]
+        info = read_export_metadata(file)[0] if is_exported(file) else read_checkpoint(file)[1]
         names = info.class_names
     if not names:
         raise HieraxError(f"{model} has no classes")

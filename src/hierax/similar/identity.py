@@ -19,7 +19,8 @@ import torch
 
 from hierax.errors import HieraxError
 from hierax.weights.files import ModelInfo, read_checkpoint
-from hierax.weights.load import EXPORTED_SUFFIXES, resolve_file
+from hierax.weights.formats import is_exported
+from hierax.weights.load import resolve_file
 
 IN_MEMORY = "(in memory)"
 
@@ -53,7 +54,7 @@ def weights_fingerprint(model, net) -> str:
         return _state_fingerprint(state)
     if isinstance(model, str | os.PathLike):
         path, _ = resolve_file(model, progress=False)
-        if path.suffix in EXPORTED_SUFFIXES:
+        if is_exported(path):
             return _file_fingerprint(path)
         return _state_fingerprint(read_checkpoint(path)[0])
     raise HieraxError("cannot fingerprint this model's weights: pass a name, a checkpoint path or a torch module")
