@@ -19,6 +19,7 @@ from hierax.runtime import keep_freed_memory
 # Libraries whose INFO chatter (onnxscript alone logs about 300 lines an export) would bury hierax's own lines;
 # they log at WARNING and above unless --verbose. uvicorn is left alone: `hierax serve` sets its levels itself.
 QUIET_LOGGERS = (
+    "faiss",
     "onnxscript",
     "onnx",
     "onnx_ir",

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
-from hierax.inference import writers
+from hierax.inference import formats
 from hierax.inference.loading import ModelSpec, resolve_model
 from hierax.inference.predict import RunSummary, embed
 from hierax.similar.identity import IN_MEMORY, ModelIdentity
@@ -102,8 +101,8 @@ def search_images(
     and tta to the index's (others are refused). Rows go to `output` (.csv, .jsonl, .parquet) when given."""
     if k < 1:
         raise HieraxError(f"k must be at least 1, not {k}")
-    if output is not None and Path(output).suffix.lower() not in writers.ROW_FORMATS:
-        raise HieraxError(f"search results go to .csv, .jsonl or .parquet, not {Path(output).name}")
+    if output is not None:
+        formats.check_format(output, formats.ROW_FORMATS)
     index = index if isinstance(index, SimilarIndex) else open_index(index)
     what = f"the index {index.directory}"
     net, info, identity = load_matching_model(
@@ -115,5 +114,6 @@ def search_images(
     rows = match_rows(paths, index, vectors, k)
     result = SearchResult(rows, list(run.errors), queries=run.total)
     if output is not None:
-        result.output = atomic_write(output, lambda tmp: writers.write_all(tmp, rows, SEARCH_COLUMNS))
+        formats.write_all(output, rows, SEARCH_COLUMNS)
+        result.output = Path(output)
     return result
