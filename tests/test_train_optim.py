@@ -9,7 +9,7 @@ from torch import nn
 from hierax.errors import HieraxError
 from hierax.models import create_model
 from hierax.training import optim
-from hierax.training.engine import ModelEMA
+from hierax.training.ema import ModelEMA
 from hierax.training.loader import EpochBatchSampler, SeededSamples
 
 

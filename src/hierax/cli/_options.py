@@ -58,7 +58,7 @@ def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
     system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
     system.add_argument("--compile", action="store_true", help=f"torch.compile the {compiled}")
     system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    system.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    system.add_argument("--workers", type=int, help="data loader worker processes (default: min(4, CPU count))")
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20, help="steps between metric records")
     system.add_argument(

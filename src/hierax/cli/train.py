@@ -9,24 +9,12 @@ import argparse
 from pathlib import Path
 
 from hierax.cli._options import add_system_options, json_object, system_kwargs
-from hierax.distributed import is_main_rank
-from hierax.training.augment import AUGMENTS
-from hierax.training.engine import TrainConfig
-from hierax.training.supervised import FineTuneConfig, train_classifier
+from hierax.sizes import add_size_option, size_from
 
 COMMAND = "train"
 HELP = "fine-tune (or train from scratch) a species classifier on labelled photos"
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        sides = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW, got '{text}'") from None
-    if len(sides) not in (1, 2) or min(sides) < 8:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides of at least 8, got '{text}'")
-    return (sides[0], sides[-1])
+DEFAULT_SIZE = (256, 256)
+AUGMENT_CHOICES = ("trivialaugment", "randaugment", "none")  # checked again by the library (augment.AUGMENTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default={},
         help="HieraDet config overrides as JSON, e.g. '{\"drop_path_rate\": 0.2}'",
     )
-    data.add_argument("--size", type=_size, default=(256, 256), help="training size, N or HxW (default 256)")
+    add_size_option(data, "training size (default 256)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="where model.pt and logs go")
     data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
 
@@ -61,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--linear-probe", action="store_true", help="train the classifier only (frozen body)")
 
     aug = parser.add_argument_group("augmentation and loss")
-    aug.add_argument("--augment", choices=AUGMENTS, default="trivialaugment")
+    aug.add_argument("--augment", choices=AUGMENT_CHOICES, default="trivialaugment")
     aug.add_argument("--label-smoothing", type=float, default=0.1)
     aug.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
@@ -81,13 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: keeps hierax --help fast (no torch)
+    from hierax.distributed import is_main_rank
+    from hierax.training.engine import TrainConfig
+    from hierax.training.supervised import FineTuneConfig, train_classifier
+
     options = FineTuneConfig(
         data=args.data,
         val=args.val,
         data_root=args.data_root,
         network=args.network,
         init_from=args.init_from,
-        size=args.size,
+        size=size_from(args.size) or DEFAULT_SIZE,
         model_config=args.model_config,
         label_smoothing=args.label_smoothing,
         mixup=args.mixup,
