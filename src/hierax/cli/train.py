@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR as a share of --lr")
     run_.add_argument("--weight-decay", type=float, default=0.05)
     run_.add_argument("--layer-decay", type=float, help="layer-wise LR decay (default 0.65 with --init-from, else 1)")
-    run_.add_argument("--warmup-epochs", type=float, help="default: 5%% of the run")
+    run_.add_argument(
+        "--warmup-epochs", type=float, help="default: 5%% of the run, at least 100 steps (at most 20%% of the run)"
+    )
     run_.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: off)")
     run_.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
     run_.add_argument("--ema-decay", type=float, help="default: a time constant of 2%% of the run")
@@ -60,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0 up to 5 epochs, 1 from 100)",
     )
     aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: 0 up to 20 epochs, 1 from 100)")
+    aug.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips (default: on whenever the augmentation strength is above 0; --no-hflip for "
+        "digits, text and subjects whose sides differ)",
+    )
     aug.add_argument("--random-erasing", type=float, help="random erasing probability (default: 0.25 x strength)")
     aug.add_argument(
         "--min-crop", type=float, help="smallest random-resized-crop area share (default: 1 - 0.92 x strength)"
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         augment_strength=args.augment_strength,
         min_crop=args.min_crop,
         random_erasing=args.random_erasing,
+        hflip=args.hflip,
         linear_probe=args.linear_probe,
     )
     config = TrainConfig(

@@ -18,7 +18,8 @@ position), so the result does not depend on workers, ranks or resumes. The last 
 
 Files in output_dir: model.pt (stage.export, reference .pt layout: EMA weights when EMA is on),
 training_state.pt (raw weights, optimizer, EMA, scaler, stage state, per-rank RNG states, step, history),
-metrics.jsonl (one JSON record per log interval and per validation), bad_samples.jsonl (skipped images).
+metrics.jsonl (one JSON record per log interval and per validation, and the stuck-loss check's), bad_samples.jsonl
+(skipped images).
 Every file is written to a temporary name and renamed, so a kill leaves the last good version.
 `config.resume` continues from training_state.pt exactly: same weights as an uninterrupted run on CPU.
 LR: linear warmup then cosine to lr * min_lr_ratio; group "lr_scale" (layer decay) multiplies it. Weight
@@ -212,7 +213,7 @@ class Engine:
             if ctx.step % cfg.log_every == 0 or ctx.step == end:
                 bar.set_postfix(loss=f"{self._log_train(ctx):.4f}")
             if self.stuck.due(ctx.step):
-                self.stuck.report(float(self.dist.all_reduce_mean(self.stuck.mean())), cfg.lr)
+                self._log(self.stuck.report(float(self.dist.all_reduce_mean(self.stuck.mean())), cfg.lr))
             if ctx.step == end:
                 self._validate(ctx)
             if ctx.step == end or (cfg.checkpoint_every and ctx.step % cfg.checkpoint_every == 0):

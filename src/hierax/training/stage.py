@@ -66,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # cosine weight-decay schedule end (None: constant)
     layer_decay: float | None = None  # None: 1.0 unless the stage chooses (fine-tuning: 0.65 from pretrained)
-    warmup_epochs: float | None = None  # None: optim.warmup_steps (5% of the run, at least one epoch's worth)
+    warmup_epochs: float | None = None  # None: optim.warmup_steps (5% of the run, at least 100 steps or 20%)
     clip_grad: float | None = 1.0
     ema: bool = True
     ema_decay: float | None = None  # None: scaled to the run (optim.auto_ema_decay)

@@ -2,9 +2,9 @@
 
 A classifier that has learnt nothing predicts the uniform distribution, whose cross entropy is ln(classes)
 against any target (one-hot, smoothed or mixed). A run whose mean loss over the steps just before
-`STUCK_SHARE` of the run is still above `STUCK_RATIO` of that level is almost always broken (labels that do not
-match the images, a learning rate of 0 or far too high or low), and the user should hear it long before the
-end of the run."""
+`STUCK_SHARE` of the run is still within 5% of that level is almost always broken (labels that do not match the
+images, a learning rate of 0 or far too high or low), and the user should hear it long before the end of the
+run. The check is made once, on every rank (the mean is reduced over ranks), and recorded in metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-STUCK_SHARE = 0.25  # check once, when this share of the run's steps is done
+STUCK_SHARE = 0.3  # check once, when this share of the run's steps is done (past the longest default warmup)
 WINDOW_SHARE = 0.1  # over the mean loss of the steps in this share of the run just before the check
-STUCK_RATIO = 0.9  # stuck: that mean is still above this share of the chance loss
+STUCK_RATIO = 0.95  # stuck: that mean is still above this share of the chance loss
+MIN_CHECK_STEPS = 20  # runs shorter than this at the check point are too short to tell
 
 
 class StuckLossCheck:
     """Collects the loss of the steps before the check point and says, once, whether the run looks stuck."""
 
     def __init__(self, chance_loss: float | None, total_steps: int) -> None:
-        self.chance_loss = chance_loss
         self.check_at = max(1, math.ceil(STUCK_SHARE * total_steps))
+        self.chance_loss = chance_loss if self.check_at >= MIN_CHECK_STEPS else None
         self.window_start = max(0, self.check_at - max(1, round(WINDOW_SHARE * total_steps)))
         self.total: torch.Tensor | None = None
         self.count = 0
@@ -45,18 +46,25 @@ class StuckLossCheck:
         """The window's mean loss on this rank (a 0-d tensor, to reduce over ranks)."""
         return self.total / max(self.count, 1)
 
-    def report(self, mean_loss: float, peak_lr: float) -> bool:
-        """Log a warning when `mean_loss` (the window's, reduced over ranks) is still near chance; True if so."""
-        if self.chance_loss is None or mean_loss < STUCK_RATIO * self.chance_loss:
-            return False
-        logger.warning(
-            "training looks stuck: after %d steps (%.0f%% of the run) the training loss is %.3f, and a model that "
-            "has learnt nothing scores %.3f; check that the labels match the images, and the learning rate "
-            "(peak %.2g)",
-            self.check_at,
-            100 * STUCK_SHARE,
-            mean_loss,
-            self.chance_loss,
-            peak_lr,
-        )
-        return True
+    def report(self, mean_loss: float, peak_lr: float) -> dict:
+        """Log a warning when `mean_loss` (the window's, reduced over ranks) is still near chance; returns the
+        check's metrics record (split "check", "stuck" true or false)."""
+        stuck = self.chance_loss is not None and mean_loss >= STUCK_RATIO * self.chance_loss
+        if stuck:
+            logger.warning(
+                "training looks stuck: after %d steps (%.0f%% of the run) the training loss is %.3f, and a model "
+                "that has learnt nothing scores %.3f; check that the labels match the images, and the learning "
+                "rate (peak %.2g)",
+                self.check_at,
+                100 * STUCK_SHARE,
+                mean_loss,
+                self.chance_loss,
+                peak_lr,
+            )
+        return {
+            "split": "check",
+            "step": self.check_at,
+            "loss": mean_loss,
+            "chance_loss": self.chance_loss,
+            "stuck": stuck,
+        }

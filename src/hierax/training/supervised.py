@@ -64,6 +64,7 @@ class FineTuneConfig:
     mix_prob: float | None = None  # None: augment.auto_mix_prob(epochs)
     min_crop: float | None = None  # None: from the strength
     random_erasing: float | None = None  # None: from the strength
+    hflip: bool | None = None  # horizontal flips; None: whenever the augmentation strength is above 0
     linear_probe: bool = False
 
     def __post_init__(self) -> None:
@@ -148,21 +149,26 @@ class SupervisedStage(Stage):
         size = tuple(options.size)
         strength = options.augment_strength if options.augment_strength is not None else auto_strength(epochs)
         erasing = 0.0 if options.linear_probe else options.random_erasing
-        train_tf = training_transform(size, self.rgb_stats, options.augment, strength, options.min_crop, erasing)
+        train_tf = training_transform(
+            size, self.rgb_stats, options.augment, strength, options.min_crop, erasing, hflip=options.hflip
+        )
         self.train_dataset = ImageDataset.from_labelled(train, train_tf)
         eval_tf = classification_transform(size, self.rgb_stats)
         self.val_dataset = ImageDataset.from_labelled(val, eval_tf) if val is not None else None
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
         prob = 0.0 if options.linear_probe else prob
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
+        flips = options.hflip if options.hflip is not None else strength > 0
         logger.info(
-            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, mixed batches: %.0f%%",
+            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, flips %s, "
+            "mixed batches: %.0f%%",
             self.network,
             len(train),
             len(self.class_to_idx),
             size[0],
             size[1],
             strength,
+            "on" if flips else "off",
             100 * self.mix.prob,
         )
 
