@@ -5,12 +5,10 @@
   image is another class for digits, text and subjects whose sides differ).
 - `BatchMix`: MixUp or CutMix (one of them per batch) producing soft targets.
 - `auto_strength(epochs)`, `auto_mix_prob(epochs)`: how strongly a run is augmented and mixed by default.
-  Augmentation and mixing regularise long runs; on a short run they mostly slow learning down. Measured on
-  generated shapes (tiny network, val top-1, mean of 8 seeds): at 10 epochs 0.28 with the full recipe, 0.36
-  scaled; at 30 epochs 0.42 with strength 0.56 and 0.45 with 0.26, and mixing half the batches costs 0.03.
-  So one strength in [0, 1] ramps from 0 at 5 epochs to 1 at 100 and sets the crop's smallest area and how
-  often the policy and random erasing apply; the share of mixed batches ramps from 0 at 20 epochs to 1 at 100,
-  so the full recipe is that of the long DeiT-style runs.
+  Augmentation and mixing regularise long runs; on a short run they mostly slow learning down (figures in
+  benchmarks/README.md, "Training"). So one strength in [0, 1] ramps from 0 at 5 epochs to 1 at 100 and sets
+  the crop's smallest area and how often the policy and random erasing apply; the share of mixed batches ramps
+  from 0 at 20 epochs to 1 at 100, so the full recipe is that of the long DeiT-style runs.
 """
 
 from __future__ import annotations
