@@ -5,7 +5,7 @@ same autocast). The pipeline is the fine-tuning stage on the shared engine: JPEG
 TrivialAugment and random erasing in DataLoader workers, MixUp/CutMix, label smoothing, layer-decay groups,
 schedules, gradient clipping, EMA and the metrics log. Both use hieradet_d_small at 256, batch 16 by default.
 
-    python benchmarks/train.py [--steps 6] [--warmup 2] [--size 256] [--batch-size 16] [--workers 4] [--device]
+    python benchmarks/train.py [--steps 6] [--warmup 2] [--size 256] [--batch-size 16] [--workers N] [--device]
 
 Prints images/s and peak memory for each and their ratio. Peak memory is CUDA's max allocated on a GPU and the
 process's peak RSS on CPU (monotonic, so the pipeline, measured second, includes the baseline's)."""
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from skimage import data as skdata
 
 from hierax.data.datasets import load_labelled
 from hierax.distributed import init_distributed, seed_everything
@@ -72,8 +73,6 @@ def baseline(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple
 
 def make_photos(root: Path, count: int, size: int) -> None:
     """`count` JPEG photos (random crops of scikit-image's coffee photo, tinted) in NUM_CLASSES class folders."""
-    from skimage import data as skdata
-
     source = skdata.coffee()
     rng = np.random.default_rng(0)
     for i in range(count):
@@ -120,7 +119,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, help="data loader workers (default: min(4, CPU count))")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

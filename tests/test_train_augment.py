@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from hierax.errors import HieraxError
 from hierax.models import create_model
@@ -23,16 +24,20 @@ def test_strength_and_mixing_grow_with_the_run():
     assert auto_mix_prob(30) == pytest.approx(0.125)
 
 
-def test_strength_zero_only_resizes_and_flips():
+def test_strength_zero_only_resizes_and_flips_only_when_asked():
     image = _image()
-    plain = training_transform((32, 32), strength=0.0)
     torch.manual_seed(0)
+    plain = training_transform((32, 32), strength=0.0)
     outputs = [plain(image) for _ in range(12)]
-    first = outputs[0]
-    for out in outputs:
-        assert out.shape == (3, 32, 32)
-        assert torch.equal(out, first) or torch.equal(out, first.flip(-1))
-    assert any(not torch.equal(out, first) for out in outputs)  # flips happen
+    assert all(out.shape == (3, 32, 32) and torch.equal(out, outputs[0]) for out in outputs)
+    flipping = training_transform((32, 32), strength=0.0, hflip=True)
+    outputs = [flipping(image) for _ in range(12)]
+    assert all(torch.equal(out, outputs[0]) or torch.equal(out, outputs[0].flip(-1)) for out in outputs)
+    assert any(not torch.equal(out, outputs[0]) for out in outputs)  # flips happen
+    mild = training_transform((32, 32), strength=0.1, min_crop=1.0, random_erasing=0.0, augment="none")
+    assert any(isinstance(t, v2.RandomHorizontalFlip) for t in mild.transforms)
+    unflipped = training_transform((32, 32), strength=1.0, hflip=False)
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in unflipped.transforms)
 
 
 def test_full_strength_changes_more_than_flips():

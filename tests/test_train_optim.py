@@ -9,7 +9,7 @@ from torch import nn
 from hierax.errors import HieraxError
 from hierax.models import create_model
 from hierax.training import optim
-from hierax.training.engine import ModelEMA
+from hierax.training.ema import ModelEMA
 from hierax.training.loader import EpochBatchSampler, SeededSamples
 
 
@@ -48,7 +48,9 @@ def test_groups_skip_frozen_parameters_and_find_blocks_under_a_prefix():
 
 
 def test_schedules_scale_to_the_run():
-    assert optim.warmup_steps(1000, 100, None) == 50
+    assert optim.warmup_steps(10_000, 100, None) == 500  # 5% of a long run
+    assert optim.warmup_steps(1000, 100, None) == 100  # at least 100 steps ...
+    assert optim.warmup_steps(220, 44, None) == 44  # ... or 20% of a short run
     assert optim.warmup_steps(10, 5, 3) == 5  # never more than half of the run
     factors = [optim.cosine_factor(s, 100, 10, 0.01) for s in range(100)]
     assert factors[0] < factors[5] < factors[9] <= 1.0

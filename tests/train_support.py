@@ -1,4 +1,4 @@
-"""Generated, learnable labelled image sets for the training tests: coloured shapes in class folders."""
+"""Labelled image sets for the training tests: generated coloured shapes, and scikit-learn's real digit scans."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from sklearn.datasets import load_digits
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40))
@@ -59,3 +60,28 @@ def add_bad_images(folder: Path) -> list[Path]:
     truncated = folder / "zz_truncated.png"
     truncated.write_bytes(good[: len(good) // 2])
     return [empty, truncated]
+
+
+def make_digits(
+    root: Path,
+    size: int = 32,
+    classes: tuple[int, ...] = tuple(range(10)),
+    per_class: int | None = None,
+    val_share: float = 0.2,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """scikit-learn's handwritten digits (1,797 real 8x8 grey scans, UCI), upscaled to `size` px RGB PNGs in class
+    folders root/train/<digit>/ and root/val/<digit>/, split `val_share` per class with a fixed seed; at most
+    `per_class` images of each class. Returns (train, val)."""
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for digit in classes:
+        indices = rng.permutation(np.flatnonzero(digits.target == digit))[:per_class]
+        n_val = round(val_share * len(indices))
+        for split, part in (("val", indices[:n_val]), ("train", indices[n_val:])):
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                grey = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
+                grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
+    return root / "train", root / "val"

@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 
 from hierax.cli._options import add_system_options, json_object, system_kwargs
-from hierax.distributed import is_main_rank
 from hierax.errors import HieraxError
-from hierax.training.dino_v2 import DinoConfig, pretrain
+from hierax.sizes import add_size_option, size_from
 
 COMMAND = "pretrain"
 HELP = "DINOv2 self-supervised pretraining of a backbone on unlabelled images"
+DEFAULT_SIZE = 224
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default={},
         help="HieraDet config overrides as JSON, e.g. '{\"drop_path_rate\": 0.2}'",
     )
-    data.add_argument("--size", type=int, default=224, help="global crop side (default 224)")
+    add_size_option(data, "global crop side (default 224); crops are square")
     data.add_argument("--local-size", type=int, help="local crop side (default: 96/224 of --size)")
     data.add_argument("--local-crops", type=int, default=8, help="local crops per image (default 8)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"), help="where model.pt and logs go")
@@ -65,9 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_system_options(parser, "student")
 
 
+def _crop_side(value: list[str] | None) -> int:
+    """The global crop side from --size: one number, or two equal ones (DINOv2's crops are square)."""
+    h, w = size_from(value) or (DEFAULT_SIZE, DEFAULT_SIZE)
+    if h != w:
+        raise HieraxError(f"pretraining crops are square: give --size one number, not {h}x{w}")
+    return h
+
+
 def run(args: argparse.Namespace) -> int:
+    # imported here: keeps hierax --help fast (no torch)
+    from hierax.distributed import is_main_rank
+    from hierax.training.dino_v2 import DinoConfig, pretrain
+
     if args.epochs < 1 or args.batch_size < 1:
         raise HieraxError("--epochs and --batch-size must be at least 1")
+    size = _crop_side(args.size)
     config = DinoConfig(
         num_prototypes=args.prototypes,
         head_hidden_dim=args.head_hidden,
@@ -85,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         args.data,
         args.network,
         args.output_dir,
-        size=args.size,
+        size=size,
         local_size=args.local_size,
         local_crops=args.local_crops,
         epochs=args.epochs,

@@ -9,24 +9,12 @@ import argparse
 from pathlib import Path
 
 from hierax.cli._options import add_system_options, json_object, system_kwargs
-from hierax.distributed import is_main_rank
-from hierax.training.augment import AUGMENTS
-from hierax.training.engine import TrainConfig
-from hierax.training.supervised import FineTuneConfig, train_classifier
+from hierax.sizes import add_size_option, size_from
 
 COMMAND = "train"
 HELP = "fine-tune (or train from scratch) a species classifier on labelled photos"
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        sides = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW, got '{text}'") from None
-    if len(sides) not in (1, 2) or min(sides) < 8:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides of at least 8, got '{text}'")
-    return (sides[0], sides[-1])
+DEFAULT_SIZE = (256, 256)
+AUGMENT_CHOICES = ("trivialaugment", "randaugment", "none")  # checked again by the library (augment.AUGMENTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default={},
         help="HieraDet config overrides as JSON, e.g. '{\"drop_path_rate\": 0.2}'",
     )
-    data.add_argument("--size", type=_size, default=(256, 256), help="training size, N or HxW (default 256)")
+    add_size_option(data, "training size (default 256)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/train"), help="where model.pt and logs go")
     data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
 
@@ -54,14 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR as a share of --lr")
     run_.add_argument("--weight-decay", type=float, default=0.05)
     run_.add_argument("--layer-decay", type=float, help="layer-wise LR decay (default 0.65 with --init-from, else 1)")
-    run_.add_argument("--warmup-epochs", type=float, help="default: 5%% of the run")
+    run_.add_argument(
+        "--warmup-epochs", type=float, help="default: 5%% of the run, at least 100 steps (at most 20%% of the run)"
+    )
     run_.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: off)")
     run_.add_argument("--no-ema", action="store_true", help="save the raw weights instead of their EMA")
     run_.add_argument("--ema-decay", type=float, help="default: a time constant of 2%% of the run")
     run_.add_argument("--linear-probe", action="store_true", help="train the classifier only (frozen body)")
 
     aug = parser.add_argument_group("augmentation and loss")
-    aug.add_argument("--augment", choices=AUGMENTS, default="trivialaugment")
+    aug.add_argument("--augment", choices=AUGMENT_CHOICES, default="trivialaugment")
     aug.add_argument("--label-smoothing", type=float, default=0.1)
     aug.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
@@ -72,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0 up to 5 epochs, 1 from 100)",
     )
     aug.add_argument("--mix-prob", type=float, help="share of mixed batches (default: 0 up to 20 epochs, 1 from 100)")
+    aug.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips (default: on whenever the augmentation strength is above 0; --no-hflip for "
+        "digits, text and subjects whose sides differ)",
+    )
     aug.add_argument("--random-erasing", type=float, help="random erasing probability (default: 0.25 x strength)")
     aug.add_argument(
         "--min-crop", type=float, help="smallest random-resized-crop area share (default: 1 - 0.92 x strength)"
@@ -81,13 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: keeps hierax --help fast (no torch)
+    from hierax.distributed import is_main_rank
+    from hierax.training.engine import TrainConfig
+    from hierax.training.supervised import FineTuneConfig, train_classifier
+
     options = FineTuneConfig(
         data=args.data,
         val=args.val,
         data_root=args.data_root,
         network=args.network,
         init_from=args.init_from,
-        size=args.size,
+        size=size_from(args.size) or DEFAULT_SIZE,
         model_config=args.model_config,
         label_smoothing=args.label_smoothing,
         mixup=args.mixup,
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         augment_strength=args.augment_strength,
         min_crop=args.min_crop,
         random_erasing=args.random_erasing,
+        hflip=args.hflip,
         linear_probe=args.linear_probe,
     )
     config = TrainConfig(

@@ -1,15 +1,14 @@
 """Training augmentation for fine-tuning, on decoded uint8 (3, H, W) tensors, with torchvision transforms v2.
 
 - `training_transform`: random resized crop, horizontal flip, TrivialAugment or RandAugment, normalisation with
-  the model's rgb_stats, random erasing.
+  the model's rgb_stats, random erasing. Strength 0 is a plain resize: no flip either, unless asked for (a mirror
+  image is another class for digits, text and subjects whose sides differ).
 - `BatchMix`: MixUp or CutMix (one of them per batch) producing soft targets.
 - `auto_strength(epochs)`, `auto_mix_prob(epochs)`: how strongly a run is augmented and mixed by default.
-  Augmentation and mixing regularise long runs; on a short run they mostly slow learning down. Measured on
-  generated shapes (tiny network, val top-1, mean of 8 seeds): at 10 epochs 0.28 with the full recipe, 0.36
-  scaled; at 30 epochs 0.42 with strength 0.56 and 0.45 with 0.26, and mixing half the batches costs 0.03.
-  So one strength in [0, 1] ramps from 0 at 5 epochs to 1 at 100 and sets the crop's smallest area and how
-  often the policy and random erasing apply; the share of mixed batches ramps from 0 at 20 epochs to 1 at 100,
-  so the full recipe is that of the long DeiT-style runs.
+  Augmentation and mixing regularise long runs; on a short run they mostly slow learning down (figures in
+  benchmarks/README.md, "Training"). So one strength in [0, 1] ramps from 0 at 5 epochs to 1 at 100 and sets
+  the crop's smallest area and how often the policy and random erasing apply; the share of mixed batches ramps
+  from 0 at 20 epochs to 1 at 100, so the full recipe is that of the long DeiT-style runs.
 """
 
 from __future__ import annotations
@@ -35,10 +34,12 @@ def training_transform(
     min_crop: float | None = None,
     random_erasing: float | None = None,
     randaugment_magnitude: int = 9,
+    hflip: bool | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> normalised float32 (3, *size), randomly augmented. `strength` in [0, 1] scales the
-    recipe: crop area from (1 - 0.92 * strength) of the image (at 0 a plain resize), the policy applied with
-    probability `strength`, random erasing with 0.25 * strength; `min_crop` and `random_erasing` override."""
+    recipe: crop area from (1 - 0.92 * strength) of the image, the policy applied with probability `strength`,
+    random erasing with 0.25 * strength, horizontal flips (p 0.5) whenever strength > 0; at 0 a plain resize.
+    `min_crop`, `random_erasing` and `hflip` override."""
     if augment not in AUGMENTS:
         raise HieraxError(f"unknown augmentation '{augment}': choose one of {', '.join(AUGMENTS)}")
     if not 0.0 <= strength <= 1.0:
@@ -54,7 +55,9 @@ def training_transform(
         if min_crop >= 1.0
         else v2.RandomResizedCrop(size, scale=(min_crop, 1.0), interpolation=bicubic, antialias=True)
     )
-    steps: list = [crop, v2.RandomHorizontalFlip()]
+    steps: list = [crop]
+    if hflip or (hflip is None and strength > 0):
+        steps.append(v2.RandomHorizontalFlip())
     policy = None
     if augment == "trivialaugment":
         policy = v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)

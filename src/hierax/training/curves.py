@@ -1,13 +1,12 @@
-"""Loss and accuracy curves of a training run, from its metric history, as one PNG (matplotlib, Agg backend)."""
+"""Loss and accuracy curves of a training run, from its metric history, as one PNG.
+
+A bare `matplotlib.figure.Figure` draws without pyplot, so nothing here chooses a backend for the process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from hierax.atomic import atomic_write
 
@@ -20,7 +19,8 @@ def _series(history: list[dict], split: str, key: str) -> tuple[list[float], lis
 def plot_curves(history: list[dict], path: str | Path) -> Path:
     """Plot train/val loss and accuracy against epochs into `path` (written to a temporary file, then renamed)."""
     path = Path(path)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split, key, label in (("train", "loss", "train loss"), ("val", "val_loss", "val loss")):
         x, y = _series(history, split, key)
         if x:
@@ -40,6 +40,5 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return path

@@ -1,8 +1,9 @@
 """Data order and I/O helpers of the training engine: per-rank micro-batches of (index, seed), per-sample seeded
-augmentation with bad-sample replacement, device transfer and atomic file writes."""
+augmentation with bad-sample replacement, the default worker count, device transfer and atomic file writes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,14 @@ from torch.utils.data import Dataset, Sampler
 
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Data-loader worker processes when none are asked for: one per CPU, at most 4 (more than the CPUs makes
+    PyTorch warn and only adds contention)."""
+    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -83,6 +92,7 @@ class SeededSamples(Dataset):
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):

@@ -5,7 +5,9 @@
   and any other head are the top layer) and no weight decay on norms, biases, position embeddings and mask
   tokens. Works on any module that holds a HieraDet (names are matched anywhere, e.g. `backbone.body.stage3.4`).
 - `warmup_steps`, `cosine_factor`, `cosine_value`: linear warmup then cosine, as functions of the step, so resume
-  needs no scheduler state.
+  needs no scheduler state. The warmup is 5% of the run, but never under 100 steps unless that is more than 20%
+  of the run: AdamW on a transformer from scratch needs its first steps at a low LR whatever the run's length,
+  and 5% of a short run is a handful of steps (see benchmarks/README.md, "Training from scratch on small data").
 - `auto_ema_decay(total_steps)`: an EMA whose time constant is a fixed share of the run (capped at 10,000 steps),
   so a short run gets an average that tracks the model instead of one that has barely moved from the init.
 """
@@ -23,7 +25,9 @@ _BOTTOM = re.compile(r"(?:^|\.)(?:pos_embed|pos_embed_win|stem|mask_token)(?:\.|
 _NO_DECAY_NAMES = ("pos_embed", "pos_embed_win", "mask_token", "cls_token")
 EMA_SHARE = 0.02
 EMA_MAX_STEPS = 10_000
-WARMUP_SHARE = 0.05
+WARMUP_SHARE = 0.05  # of the run: the published recipe's warmup on long runs
+WARMUP_MIN_STEPS = 100  # the warmup of a short run ...
+WARMUP_MAX_SHARE = 0.2  # ... unless that is more than this share of it
 
 
 def block_layer_ids(names: Iterable[str]) -> dict[tuple[int, int], int]:
@@ -73,8 +77,13 @@ def param_groups(
 
 
 def warmup_steps(total_steps: int, steps_per_epoch: int, warmup_epochs: float | None) -> int:
-    """Warmup length in steps: `warmup_epochs` when given, else 5% of the run; never more than half of it."""
-    steps = round(WARMUP_SHARE * total_steps) if warmup_epochs is None else round(warmup_epochs * steps_per_epoch)
+    """Warmup length in steps: `warmup_epochs` when given, else 5% of the run but at least 100 steps or 20% of
+    the run, whichever is fewer; never more than half of the run."""
+    if warmup_epochs is not None:
+        steps = round(warmup_epochs * steps_per_epoch)
+    else:
+        floor = min(WARMUP_MIN_STEPS, round(WARMUP_MAX_SHARE * total_steps))
+        steps = max(round(WARMUP_SHARE * total_steps), floor)
     return max(0, min(steps, total_steps // 2))
 
 

@@ -17,7 +17,8 @@ training_state.pt, metrics.jsonl (train records and per-epoch val top-1/top-5), 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,10 +33,12 @@ from hierax.inference.metrics import topk_correct
 from hierax.models import HieraDet, create_model
 from hierax.models.hieradet import HieraDetConfig
 from hierax.training import optim
-from hierax.training.augment import BatchMix, auto_mix_prob, auto_strength, training_transform
+from hierax.training.augment import AUGMENTS, BatchMix, auto_mix_prob, auto_strength, training_transform
+from hierax.training.curves import plot_curves
 from hierax.training.engine import Engine, Stage, StepContext, TrainConfig
 from hierax.transforms import classification_transform, normalize_stats
-from hierax.weights.files import ModelInfo
+from hierax.weights.files import ModelInfo, read_checkpoint
+from hierax.weights.load import build_from_state, resolve_file
 
 logger = logging.getLogger(__name__)
 _CONFIG_FIELDS = set(HieraDetConfig.__dataclass_fields__)
@@ -61,7 +64,12 @@ class FineTuneConfig:
     mix_prob: float | None = None  # None: augment.auto_mix_prob(epochs)
     min_crop: float | None = None  # None: from the strength
     random_erasing: float | None = None  # None: from the strength
+    hflip: bool | None = None  # horizontal flips; None: whenever the augmentation strength is above 0
     linear_probe: bool = False
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTS:
+            raise HieraxError(f"unknown augmentation '{self.augment}': choose one of {', '.join(AUGMENTS)}")
 
 
 def _model_config(overrides: dict) -> dict:
@@ -80,57 +88,49 @@ def build_model(
     network: str | None, class_to_idx: dict[str, int], init_from: str | None = None, config: dict | None = None
 ) -> tuple[HieraDet, str, dict, dict]:
     """The network to fine-tune: (model, network, config overrides, rgb_stats). With `init_from`, its weights are
-    loaded; the classifier is kept only when its classes equal `class_to_idx`."""
+    loaded (`weights.load.build_from_state`); the classifier is kept only when its classes equal `class_to_idx`,
+    otherwise a new one is added."""
     overrides = _model_config(config or {})
     num_classes = len(class_to_idx)
     if init_from is None:
         network = network or "hieradet_d_small"
         return create_model(network, num_classes, **overrides), network, _saved_config(overrides), normalize_stats(None)
 
-    from hierax.weights.files import read_checkpoint
-    from hierax.weights.load import resolve_file
-
     path, entry = resolve_file(init_from)
     state, info = read_checkpoint(path, network=network or (entry.network if entry else None))
     network = network or info.network
     saved = {k: v for k, v in {**(entry.config if entry else {}), **info.config}.items() if k in _CONFIG_FIELDS}
     merged = {**saved, **overrides}
-    model = create_model(network, num_classes, **merged)
-    head_fits = (
-        "classifier.weight" in state
-        and info.class_to_idx == class_to_idx
-        and tuple(state["classifier.weight"].shape) == tuple(model.classifier.weight.shape)
-    )
-    if not head_fits and "classifier.weight" in state:
+    head = state.get("classifier.weight")
+    head_fits = head is not None and info.class_to_idx == class_to_idx and head.shape[0] == num_classes
+    if head is not None and not head_fits:
         logger.info(
-            "init from %s: replaced the %d-class head by a new %d-class head",
-            path.name,
-            state["classifier.weight"].shape[0],
-            num_classes,
+            "init from %s: replaced the %d-class head by a new %d-class head", path.name, head.shape[0], num_classes
         )
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    elif not head_fits:
+    elif head is None:
         logger.info("init from %s (a backbone): added a new %d-class head", path.name, num_classes)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("classifier.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path} does not fit network '{network}': missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}; "
-            "pass the matching --network"
-        )
+    try:
+        model = build_from_state(state, replace(info, network=network, config=merged))
+    except (CheckpointError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: {err}; pass the matching --network") from None
+    if not head_fits:
+        model.reset_classifier(num_classes)
     logger.info("initialised %s from %s", network, path)
     return model, network, _saved_config(merged), info.rgb_stats
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross entropy against soft targets (B, C), with label smoothing towards the uniform distribution."""
+def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross entropy of `logits` against per-sample class distributions `targets` (B, C), one-hot or mixed by
+    MixUp/CutMix, after label smoothing towards the uniform distribution."""
     if smoothing > 0:
         targets = targets * (1.0 - smoothing) + smoothing / targets.shape[1]
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
 class SupervisedStage(Stage):
-    """Image classification: a HieraDet with a classifier, soft cross entropy, mixed batches, top-k validation."""
+    """Image classification: a HieraDet with a classifier, label-smoothed cross entropy, mixed batches and top-k
+    validation."""
 
     def __init__(self, options: FineTuneConfig, train: LabelledData, val: LabelledData | None, epochs: int) -> None:
         self.options = options
@@ -145,24 +145,30 @@ class SupervisedStage(Stage):
             model.requires_grad_(False)
             model.classifier.requires_grad_(True)
         self.model = model
+        self.chance_loss = math.log(len(self.class_to_idx))  # a model that predicts the uniform distribution
         size = tuple(options.size)
         strength = options.augment_strength if options.augment_strength is not None else auto_strength(epochs)
         erasing = 0.0 if options.linear_probe else options.random_erasing
-        train_tf = training_transform(size, self.rgb_stats, options.augment, strength, options.min_crop, erasing)
+        train_tf = training_transform(
+            size, self.rgb_stats, options.augment, strength, options.min_crop, erasing, hflip=options.hflip
+        )
         self.train_dataset = ImageDataset.from_labelled(train, train_tf)
         eval_tf = classification_transform(size, self.rgb_stats)
         self.val_dataset = ImageDataset.from_labelled(val, eval_tf) if val is not None else None
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
         prob = 0.0 if options.linear_probe else prob
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
+        flips = options.hflip if options.hflip is not None else strength > 0
         logger.info(
-            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, mixed batches: %.0f%%",
+            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, flips %s, "
+            "mixed batches: %.0f%%",
             self.network,
             len(train),
             len(self.class_to_idx),
             size[0],
             size[1],
             strength,
+            "on" if flips else "off",
             100 * self.mix.prob,
         )
 
@@ -179,7 +185,7 @@ class SupervisedStage(Stage):
         images, labels = batch["images"], batch["labels"]
         images, targets = self.mix(images, labels)
         logits = model(images)
-        loss = soft_cross_entropy(logits, targets, self.options.label_smoothing)
+        loss = label_smoothed_cross_entropy(logits, targets, self.options.label_smoothing)
         acc = (logits.detach().argmax(1) == targets.argmax(1)).float().mean()
         return loss, {"train_top1": acc}
 
@@ -225,8 +231,6 @@ class SupervisedStage(Stage):
         return module.state_dict(), self.info()
 
     def on_train_end(self, history: list[dict], ctx: StepContext) -> None:
-        from hierax.training.curves import plot_curves
-
         plot_curves(history, ctx.output_dir / "curves.png")
 
 
