@@ -166,6 +166,8 @@ def estimate_peak_memory(
     per_image = 2 * getattr(glob, keep) + local_crops * getattr(loc, keep)
     per_image += (2 + local_crops) * cost.dino_row + math.ceil(masked_tokens) * cost.ibot_row
     largest = max(2 * glob.largest_block, local_crops * loc.largest_block)
+    if grad_checkpointing:
+        largest *= 2  # backward recomputes a block's activations and holds their gradients beside them
     crop_bytes = 4 * 3 * (2 * cost.global_size**2 + local_crops * cost.local_size**2)
     parts = {
         "runtime": current_rss() if runtime is None else runtime,
