@@ -2,7 +2,8 @@
 DINOv2 self-supervised pretraining of a HieraDet backbone on unlabelled images.
 
 A thin shell over `hierax.training.dino_v2.pretrain`. The result, OUTPUT_DIR/model.pt, is a backbone checkpoint
-(reference .pt layout, no classifier) for `hierax train --init-from`. Run under `torchrun --nproc-per-node N -m
+(reference .pt layout, no classifier) for `hierax train --init-from`; with --knn-data, OUTPUT_DIR/model-best.pt is
+the backbone with the best k-NN top-1 (the starting weights included). Run under `torchrun --nproc-per-node N -m
 hierax pretrain ...` for DDP."""
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--local-crops", type=int, default=8, help="local crops per image (default 8)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"), help="where model.pt and logs go")
     data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
-    data.add_argument("--knn-data", help="labelled folder for a k-NN top-1 probe (leave-one-out) of the teacher")
+    data.add_argument(
+        "--knn-data",
+        help="labelled folder for a k-NN top-1 probe (leave-one-out) of the starting weights, then of the teacher "
+        "and the student at each epoch end; the best backbone is kept in OUTPUT_DIR/model-best.pt",
+    )
     data.add_argument("--knn-every", type=int, default=0, help="steps between k-NN probes (default: each epoch end)")
     data.add_argument(
         "--no-memory-check",
