@@ -101,3 +101,24 @@ def make_labelled_photo_crops(per_class: int, size: int, seed: int) -> tuple[np.
             images.append(_photo_crop(photo, size, rng))
             labels.append(label)
     return np.stack(images), np.asarray(labels)
+
+
+def write_digits(folder: Path, unlabelled: int, labelled_per_class: int, size: int = 64) -> tuple[Path, Path]:
+    """scikit-learn's handwritten digits (8 x 8 grayscale scans) upscaled to `size` px RGB PNG files: the first
+    `unlabelled` in one folder, then `labelled_per_class` of each digit in class folders (a k-NN probe set).
+    Returns (unlabelled folder, labelled folder)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pool, labelled = folder / "unlabelled", folder / "labelled"
+    pool.mkdir(parents=True, exist_ok=True)
+    taken = dict.fromkeys(range(10), 0)
+    for i, (scan, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        image = Image.fromarray((scan * (255 / 16)).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
+        if i < unlabelled:
+            image.convert("RGB").save(pool / f"{i:04d}.png")
+        elif taken[int(label)] < labelled_per_class:
+            (labelled / f"digit{label}").mkdir(parents=True, exist_ok=True)
+            image.convert("RGB").save(labelled / f"digit{label}" / f"{i:04d}.png")
+            taken[int(label)] += 1
+    return pool, labelled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -28,7 +29,7 @@ from hierax.training.dino_losses import (
     soft_cross_entropy,
     teacher_entropy,
 )
-from hierax.training.dino_monitor import CollapseMonitor, feature_spread, knn_top1
+from hierax.training.dino_monitor import CollapseMonitor, KnnTracker, feature_spread, knn_top1
 from hierax.training.dino_v2 import DinoConfig, DinoSchedule, build_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,19 +203,39 @@ def test_knn_top1_on_separable_and_random_features():
     assert knn_top1(noise, labels, k=5) < 0.7
 
 
-def test_schedules_adapt_to_the_run_length():
+def test_knn_tracker_keeps_the_start_and_the_best_and_warns_once_on_falling_below_the_start(caplog):
+    tracker = KnnTracker()
+    assert tracker.summary() == {}
+    with caplog.at_level(logging.WARNING):
+        assert tracker.observe(0, 0.70) == "teacher"  # the starting weights are the first best
+        assert tracker.observe(44, 0.72, student=0.74) == "student"
+        assert tracker.observe(88, 0.74, student=0.73) is None  # a tie keeps the earlier backbone
+        assert caplog.text == ""
+        assert tracker.observe(132, 0.65, student=0.60) is None
+        assert tracker.observe(176, 0.60) is None  # still below: no second warning
+        assert tracker.observe(200, float("nan"), student=0.9) is None  # an unreadable probe changes nothing
+    assert caplog.text.count("below the starting weights' 0.7000") == 1
+    assert "k-NN 0.7400, step 44" in caplog.text
+    assert tracker.summary() == {"knn_start": 0.70, "knn_best": 0.74, "knn_last": 0.60}
+    assert (tracker.best_of, tracker.best_step) == ("student", 44)
+    resumed = KnnTracker()
+    resumed.load_state_dict(tracker.state_dict())
+    assert (resumed.best_step, resumed.best_of, resumed.last_step) == (44, "student", 176)
+    assert resumed.summary() == tracker.summary()
+
+
+def test_schedules_adapt_their_warmups_to_the_run_length_and_keep_dinov2s_teacher_momentum():
     cfg = DinoConfig()
     short = DinoSchedule.for_run(cfg, total_steps=30, steps_per_epoch=10)  # a 3-epoch run
     assert short.teacher_temp_warmup_steps == 9
     assert short.teacher_temp(0) == pytest.approx(0.04) and short.teacher_temp(9) == pytest.approx(0.07)
     assert short.freeze_last_layer_steps == 3
-    assert short.backbone_warmup_steps == 9 and short.backbone_frozen(8) and not short.backbone_frozen(9)
-    assert short.momentum_start < 0.992
+    # a short run's teacher moves as slowly as DINOv2's: it stays near the starting weights
+    assert short.momentum(0) == pytest.approx(0.992)
     assert short.momentum(29) == pytest.approx(1.0)
     long = DinoSchedule.for_run(cfg, total_steps=100 * 1000, steps_per_epoch=1000)
     assert long.teacher_temp_warmup_steps == 30 * 1000 and long.freeze_last_layer_steps == 1000
-    assert long.backbone_warmup_steps == 3000
-    assert long.momentum_start == pytest.approx(0.992)
+    assert long.momentum(0) == pytest.approx(0.992)
     assert long.momentum(50_000) == pytest.approx(0.996, abs=1e-4)
 
 

@@ -27,8 +27,9 @@ from tests.pretrain_images import make_labelled_photo_crops, make_labelled_textu
 
 NETWORK = "hieradet_d_tiny"
 TINY = {"depths": (1, 1, 1, 1), "embed_dim": 16, "drop_path_rate": 0.0}
-# the k-NN gain a 20-epoch run must show on held-out photo crops, and the most a run may lose on either set
-# (measured with seed 0: photo crops 0.54 -> 0.77, textures 0.375 -> 0.50; seeds 0 and 1 gave +0.23 and +0.21 on photos)
+# the k-NN gain a 20-epoch (160-step) run with a fast teacher must show on held-out photo crops, and the most a run
+# may lose on either set. The default teacher (DINOv2's momentum 0.992) stays near its start in a run this short, by
+# design (160 steps move it ~47% of the way: photo crops 0.54 -> 0.58); a 0.9 momentum shows the method learns.
 PHOTO_GAIN = 0.10
 MAX_LOSS = 0.06
 # A linear probe (hierax train --init-from ... --linear-probe) on 40 labelled photo crops for 40 steps: measured
@@ -37,8 +38,8 @@ MAX_LOSS = 0.06
 PROBE_GAIN = 0.05
 
 
-def tiny_config() -> DinoConfig:
-    return DinoConfig(num_prototypes=256, head_hidden_dim=128, head_bottleneck_dim=64)
+def tiny_config(**changes) -> DinoConfig:
+    return DinoConfig(num_prototypes=256, head_hidden_dim=128, head_bottleneck_dim=64, **changes)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +80,7 @@ def random_init_scores(probes: dict, seed: int = 0) -> dict[str, float]:
     return knn_scores(student.backbone, probes)
 
 
-def run(data: Path, out: Path, epochs: int, **options) -> list[dict]:
+def run(data: Path, out: Path, epochs: int, config: DinoConfig | None = None, **options) -> list[dict]:
     return pretrain(
         data,
         NETWORK,
@@ -89,7 +90,7 @@ def run(data: Path, out: Path, epochs: int, **options) -> list[dict]:
         local_crops=2,
         epochs=epochs,
         batch_size=16,
-        config=tiny_config(),
+        config=config or tiny_config(),
         network_config=TINY,
         num_workers=0,
         seed=0,
@@ -103,7 +104,7 @@ def pretrained(unlabelled, tmp_path_factory) -> tuple[Path, list[dict]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        history = run(unlabelled, out, epochs=20, log_every=16)
+        history = run(unlabelled, out, epochs=20, config=tiny_config(momentum_start=0.9), log_every=16)
     finally:
         torch.set_num_threads(threads)
     return out, history

@@ -2,7 +2,8 @@
 DINOv2 self-supervised pretraining of a HieraDet backbone on unlabelled images.
 
 A thin shell over `hierax.training.dino_v2.pretrain`. The result, OUTPUT_DIR/model.pt, is a backbone checkpoint
-(reference .pt layout, no classifier) for `hierax train --init-from`. Run under `torchrun --nproc-per-node N -m
+(reference .pt layout, no classifier) for `hierax train --init-from`; with --knn-data, OUTPUT_DIR/model-best.pt is
+the backbone with the best k-NN top-1 (the starting weights included). Run under `torchrun --nproc-per-node N -m
 hierax pretrain ...` for DDP."""
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--local-crops", type=int, default=8, help="local crops per image (default 8)")
     data.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"), help="where model.pt and logs go")
     data.add_argument("--resume", action="store_true", help="continue the run in --output-dir exactly")
-    data.add_argument("--knn-data", help="labelled folder for a k-NN top-1 probe (leave-one-out) of the teacher")
+    data.add_argument(
+        "--knn-data",
+        help="labelled folder for a k-NN top-1 probe (leave-one-out) of the starting weights, then of the teacher "
+        "and the student at each epoch end; the best backbone is kept in OUTPUT_DIR/model-best.pt",
+    )
     data.add_argument("--knn-every", type=int, default=0, help="steps between k-NN probes (default: each epoch end)")
+    data.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the estimated peak memory exceeds what is available",
+    )
 
     method = parser.add_argument_group("method (DINOv2 defaults)")
     method.add_argument("--prototypes", type=int, default=65536, help="prototypes of each head (K)")
@@ -60,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=64, help="per process and accumulation step")
     run_.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     run_.add_argument("--lr", type=float, help="peak learning rate (default 0.004 x sqrt(global batch / 1024))")
-    run_.add_argument("--warmup-epochs", type=float, help="default: 10 epochs, at most 10%% of the run")
+    run_.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="default: DINOv2's 10 epochs (at most 10%% of the run) or its 12,500 steps (at most half the run), "
+        "whichever is longer",
+    )
 
     add_system_options(parser, "student")
 
@@ -106,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         config=config,
         network_config=args.model_config,
+        memory_check=not args.no_memory_check,
         **options,
     )
     if is_main_rank():
@@ -113,5 +129,11 @@ def run(args: argparse.Namespace) -> int:
         summary = f"backbone: {args.output_dir / 'model.pt'}"
         if last:
             summary += f" (dino loss {last['dino_loss']:.4f}, ibot loss {last['ibot_loss']:.4f})"
+        probe = next((r for r in reversed(history) if r.get("knn_best") is not None), None)
+        if probe:
+            summary += (
+                f"; k-NN top-1 start {probe['knn_start']:.4f}, last {probe['knn_top1']:.4f}, best "
+                f"{probe['knn_best']:.4f}: {args.output_dir / 'model-best.pt'}"
+            )
         print(summary)
     return 0

@@ -93,15 +93,20 @@ def dino_loss(
     """Mean cross-entropy over every (student crop, teacher crop) pair of different views.
 
     `student_logits` lists every crop (the global ones first, in the teacher's order), each (B, K);
-    `teacher_targets` lists the global crops. A student global crop is not compared with its own view."""
+    `teacher_targets` lists the global crops. A student global crop is not compared with its own view.
+    The cross-entropy is linear in the targets, so each student crop takes one log-softmax against the sum of
+    the targets it is compared with: a local crop's (B, K) log-probabilities are kept for backward once, not once
+    per teacher crop."""
     total = student_logits[0].new_zeros((), dtype=torch.float32)
+    all_targets = torch.stack(teacher_targets).sum(dim=0)
     pairs = 0
     for s_idx, s in enumerate(student_logits):
-        for t_idx, t in enumerate(teacher_targets):
-            if s_idx == t_idx:
-                continue
-            total = total + soft_cross_entropy(s, t, student_temp).mean()
-            pairs += 1
+        own = s_idx < len(teacher_targets)
+        targets = all_targets - teacher_targets[s_idx] if own else all_targets
+        count = len(teacher_targets) - int(own)
+        if count:
+            total = total + soft_cross_entropy(s, targets, student_temp).mean()
+            pairs += count
     if pairs == 0:
         raise ValueError("the DINO loss needs at least two crops")
     return total / pairs

@@ -119,11 +119,67 @@ class CollapseMonitor:
             )
         if after_warmup and entropy > self.uniform_fraction * self.log_k:
             found.append(
-                f"uniform collapse: teacher targets have entropy {entropy:.2f} of at most {self.log_k:.2f} nats; "
-                "lower the teacher temperature or the number of prototypes"
+                f"uniform collapse: teacher targets have entropy {entropy:.2f} of at most {self.log_k:.2f} nats, "
+                "so they say little about the images. Expected for the first thousands of steps (DINOv2 warms up "
+                "over 12,500); if it lasts in a long run, lower the teacher temperature or the number of prototypes"
             )
         new = [w for w in found if w.split(":")[0] not in self.warned]
         for warning in new:
             self.warned.add(warning.split(":")[0])
             logger.warning("%s", warning)
         return new
+
+
+class KnnTracker:
+    """The k-NN probes of one run: the starting weights' score (step 0), the best backbone so far (teacher or
+    student) and the last teacher (the exported backbone).
+
+    `observe` says which backbone, if any, is the best yet (the caller keeps it) and warns when the teacher falls
+    below where the run started; ties keep the earlier, so a run that never improves keeps its start."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.best: float | None = None
+        self.best_step = 0
+        self.best_of = "teacher"
+        self.last: float | None = None
+        self.last_step = 0
+
+    def observe(self, step: int, teacher: float, student: float | None = None) -> str | None:
+        """Record the probes at `step` (0: the starting weights); returns "teacher" or "student" when that one is
+        the best so far, else None. NaN (an unreadable probe set) records nothing."""
+        if not math.isfinite(teacher):
+            return None
+        if self.start is None:
+            self.start = teacher
+        was_below = self.last is not None and self.last < self.start
+        self.last, self.last_step = teacher, step
+        if teacher < self.start and not was_below:
+            logger.warning(
+                "k-NN top-1 %.4f at step %d is below the starting weights' %.4f: the run is making the features "
+                "worse. The best backbone (k-NN %.4f, step %d) is kept apart; on a small set, try fewer epochs, a "
+                "lower --lr or more images",
+                teacher,
+                step,
+                self.start,
+                self.best if self.best is not None else self.start,
+                self.best_step,
+            )
+        found = None
+        for name, score in (("teacher", teacher), ("student", student)):
+            if score is not None and math.isfinite(score) and (self.best is None or score > self.best):
+                self.best, self.best_step, self.best_of, found = score, step, name, name
+        return found
+
+    def summary(self) -> dict[str, float]:
+        """The start, best and last scores (empty before the first probe)."""
+        if self.start is None:
+            return {}
+        return {"knn_start": self.start, "knn_best": self.best, "knn_last": self.last}
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("start", "best", "best_step", "best_of", "last", "last_step")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -8,21 +8,24 @@ features. The shared training engine runs the loop; its model EMA is the teacher
 Adapting DINOv2 to a hierarchical backbone: masks are drawn on the stride-32 grid (one cell per stage-4 token),
 upsampled x8 to the stem grid, where a learned mask token replaces the stem output before the position embedding.
 
-Short runs: DINOv2's schedules are fixed in epochs (30-epoch teacher temperature warmup, 10-epoch LR warmup,
-1-epoch frozen prototypes, momentum 0.992 -> 1), which fail or hurt on a few-epoch run. Every schedule here is
-capped at a share of the run (see `DinoSchedule.for_run`), so the same defaults work for 3 or 300 epochs. The
-run also starts heads-only (backbone frozen for 3 epochs, at most 30% of the run): the first backbone updates then
-follow heads fitted to the teacher instead of random ones. On the tiny test set (seeds 0-3) this moved the 3-epoch
-k-NN change against the random init from -0.031 to -0.008 (textures; photo crops -0.002 / -0.006, all within the
-probe's noise), and the 20-epoch teacher reached +0.125 / +0.02 (textures) and +0.23 / +0.21 (photo crops).
+Short runs: DINOv2 counts its schedules in iterations (epochs of 1,250): a learning-rate warmup of 12,500, a
+teacher temperature warmup of 37,500, momentum 0.992 -> 1 over 125,000. A run of a few hundred steps never gets
+informative teacher targets (they stay within 2% of uniform), so the DINO and iBOT losses only pull every image
+to one point and KoLeo only spreads them apart: any large backbone step is harm. Such runs therefore keep
+DINOv2's teacher momentum (the exported teacher stays near its start), warm the learning rate up over half the
+run (`dino_recipe.warmup_epochs`) and have no heads-only phase; the temperature warmup and the frozen
+prototypes are capped at 30% and 10% of the run. Runs as long as DINOv2's get its recipe unchanged. With a
+k-NN probe (`knn_path`), the starting weights are probed at step 0, the best backbone is kept in model-best.pt
+beside the last one (model.pt), and a run that falls below its start says so.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,145 +35,25 @@ from hierax.data.datasets import ImageDataset, load_labelled
 from hierax.data.sources import expand_sources
 from hierax.distributed import DistInfo, init_distributed
 from hierax.errors import HieraxError
-from hierax.models import create_model
-from hierax.models.hieradet import HieraDet
 from hierax.training import optim
 from hierax.training.dino_data import (
     MultiCropAugmentation,
-    MultiCropConfig,
     collate_multicrop,
     sample_masks,
     stage_grids,
     upsample_mask,
 )
-from hierax.training.dino_heads import DINOHead
+from hierax.training.dino_heads import DinoStudent, build_student
 from hierax.training.dino_losses import TeacherTargets, dino_loss, ibot_loss, koleo_loss, teacher_entropy
-from hierax.training.dino_monitor import CollapseMonitor, KnnProbe, feature_spread
-from hierax.training.engine import Engine, Stage, StepContext, TrainConfig
+from hierax.training.dino_memory import MemoryEstimate, StudentCost, check_memory, estimate_peak_memory
+from hierax.training.dino_monitor import CollapseMonitor, KnnProbe, KnnTracker, feature_spread
+from hierax.training.dino_recipe import DinoConfig, DinoSchedule, default_lr, warmup_epochs
+from hierax.training.engine import MODEL_FILE, Engine, Stage, StepContext, TrainConfig
+from hierax.weights.files import ModelInfo, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class DinoConfig:
-    """The method's hyper-parameters (DINOv2's defaults); schedules are in epochs, capped by share of the run."""
-
-    num_prototypes: int = 65536
-    ibot_prototypes: int | None = None  # None: same as num_prototypes
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_layers: int = 3
-    student_temp: float = 0.1
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.07
-    teacher_temp_warmup_epochs: float = 30.0
-    teacher_temp_warmup_share: float = 0.3
-    targets: str = "sinkhorn"  # or "centering"
-    sinkhorn_iterations: int = 3
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    mask_probability: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    momentum_start: float = 0.992
-    momentum_end: float = 1.0
-    momentum_min_share: float = 0.04  # the teacher's time constant at the start is at most this share of the run
-    freeze_last_layer_epochs: float = 1.0
-    freeze_last_layer_share: float = 0.1
-    backbone_warmup_epochs: float = 3.0  # heads-only steps at the start (capped by backbone_warmup_share)
-    backbone_warmup_share: float = 0.3
-    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
-    knn_path: str | None = None  # a labelled folder for the k-NN probe
-    knn_every: int = 0  # optimizer steps between probes; 0: at each epoch end only
-
-
-@dataclass(frozen=True)
-class DinoSchedule:
-    """The per-step schedules of one run, resolved from a DinoConfig and the run's length."""
-
-    total_steps: int
-    teacher_temp_warmup_steps: int
-    freeze_last_layer_steps: int
-    backbone_warmup_steps: int
-    momentum_start: float
-    config: DinoConfig
-
-    @classmethod
-    def for_run(cls, config: DinoConfig, total_steps: int, steps_per_epoch: int) -> DinoSchedule:
-        """Cap each epoch-based schedule at its share of the run; start the teacher momentum low enough that
-        its time constant 1 / (1 - m) is at most `momentum_min_share` of the run."""
-        temp_warmup = min(
-            config.teacher_temp_warmup_epochs * steps_per_epoch, config.teacher_temp_warmup_share * total_steps
-        )
-        freeze = min(config.freeze_last_layer_epochs * steps_per_epoch, config.freeze_last_layer_share * total_steps)
-        heads_only = min(config.backbone_warmup_epochs * steps_per_epoch, config.backbone_warmup_share * total_steps)
-        tau = max(1.0, config.momentum_min_share * total_steps)
-        momentum = min(config.momentum_start, 1.0 - 1.0 / tau)
-        return cls(total_steps, round(temp_warmup), round(freeze), round(heads_only), momentum, config)
-
-    def teacher_temp(self, step: int) -> float:
-        """Linear warmup from teacher_temp_start to teacher_temp, then constant."""
-        c = self.config
-        if step >= self.teacher_temp_warmup_steps:
-            return c.teacher_temp
-        return c.teacher_temp_start + (c.teacher_temp - c.teacher_temp_start) * step / self.teacher_temp_warmup_steps
-
-    def momentum(self, step: int) -> float:
-        """Teacher EMA momentum: cosine from the start value to momentum_end over the run."""
-        return optim.cosine_value(step, self.total_steps, self.momentum_start, self.config.momentum_end)
-
-    def last_layer_frozen(self, step: int) -> bool:
-        return step < self.freeze_last_layer_steps
-
-    def backbone_frozen(self, step: int) -> bool:
-        """Heads-only warmup: random heads would otherwise drive the first backbone updates with noise, which
-        on a short run leaves features worse than the random init."""
-        return step < self.backbone_warmup_steps
-
-
-class DinoStudent(nn.Module):
-    """Backbone, DINO head, iBOT head and mask token: the trainable module; its EMA copy is the teacher."""
-
-    def __init__(self, backbone: HieraDet, config: DinoConfig) -> None:
-        super().__init__()
-        dim = backbone.embedding_size
-        head = dict(
-            hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim, layers=config.head_layers
-        )
-        self.backbone = backbone
-        self.dino_head = DINOHead(dim, config.num_prototypes, **head)
-        self.ibot_head = DINOHead(dim, config.ibot_prototypes or config.num_prototypes, **head)
-        self.mask_token = nn.Parameter(torch.zeros(backbone.config.embed_dim))
-
-    def encode(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled (B, C), normalised stage-4 tokens (B, h, w, C)); `token_mask` masks stem tokens."""
-        tokens = self.backbone.features[0](self.backbone.forward_features(x, token_mask, self.mask_token))
-        return tokens.mean(dim=(1, 2)), tokens
-
-    def forward(
-        self,
-        global_crops: torch.Tensor,
-        local_crops: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-        masks: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Head outputs: `global` (2B, K) and `local` (NB, K) prototype scores, `patches` (M, K) for the stage-4
-        tokens selected by `masks` (2B, h, w), and the pooled global embeddings `pooled` (2B, C)."""
-        pooled, tokens = self.encode(global_crops, token_mask)
-        out = {"pooled": pooled, "global": self.dino_head(pooled)}
-        if local_crops is not None:
-            out["local"] = self.dino_head(self.encode(local_crops)[0])
-        if masks is not None:
-            out["patches"] = self.ibot_head(tokens[masks])
-        return out
-
-
-def build_student(network: str, config: DinoConfig, **network_config) -> DinoStudent:
-    """A DinoStudent around a fresh `network` backbone (no classifier, DINOv2's truncated-normal init of the Linear
-    layers); `network_config` overrides its config."""
-    backbone = create_model(network, 0, **network_config)
-    backbone.init_linear_layers()
-    return DinoStudent(backbone, config)
+BEST_FILE = "model-best.pt"  # the backbone with the best k-NN top-1 (with --knn-data), beside the last one
 
 
 class DinoV2Stage(Stage):
@@ -203,6 +86,7 @@ class DinoV2Stage(Stage):
         )
         self.monitor = CollapseMonitor(self.config.num_prototypes)
         self.probe: KnnProbe | None = None
+        self.knn = KnnTracker()
         self._schedule: DinoSchedule | None = None
 
     def schedule(self, ctx: StepContext) -> DinoSchedule:
@@ -213,11 +97,10 @@ class DinoV2Stage(Stage):
             s = self._schedule
             logger.info(
                 "DINOv2 schedules: teacher temperature warmup %d steps, prototypes frozen %d steps, "
-                "heads only %d steps, teacher momentum %.4f -> %.4f",
+                "teacher momentum %.4f -> %.4f",
                 s.teacher_temp_warmup_steps,
                 s.freeze_last_layer_steps,
-                s.backbone_warmup_steps,
-                s.momentum_start,
+                self.config.momentum_start,
                 self.config.momentum_end,
             )
         return self._schedule
@@ -243,6 +126,7 @@ class DinoV2Stage(Stage):
 
     def training_step(self, model: nn.Module, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         cfg, schedule = self.config, self.schedule(ctx)
+        self._probe_start(ctx)
         temp = schedule.teacher_temp(ctx.step)
         masks, token_mask = self.masks_for(batch, ctx)
         with torch.no_grad():
@@ -276,9 +160,6 @@ class DinoV2Stage(Stage):
         return loss, metrics
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        if self.schedule(ctx).backbone_frozen(ctx.step):
-            for p in self.model.backbone.parameters():
-                p.grad = None
         if self.schedule(ctx).last_layer_frozen(ctx.step):
             for head in (self.model.dino_head, self.model.ibot_head):
                 for p in head.last_layer_parameters():
@@ -290,20 +171,68 @@ class DinoV2Stage(Stage):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         every = self.config.knn_every
         if every and (ctx.step + 1) % every == 0 and (ctx.step + 1) % ctx.steps_per_epoch:
-            top1 = self._knn(ctx.ema.module, ctx)
-            if top1 is not None:
-                logger.info("step %d: k-NN top-1 %.4f", ctx.step + 1, top1)
+            scores = self._knn(ctx.ema.module if ctx.ema else self.model, ctx, ctx.step + 1)
+            if scores:
+                k = self.knn
+                logger.info(
+                    "step %d: k-NN top-1 %.4f (student %.4f; start %.4f, best %.4f at step %d)",
+                    ctx.step + 1,
+                    scores["knn_top1"],
+                    scores.get("knn_student", float("nan")),
+                    k.start,
+                    k.best,
+                    k.best_step,
+                )
 
-    def _knn(self, module: DinoStudent, ctx: StepContext) -> float | None:
+    def _knn(self, teacher: DinoStudent, ctx: StepContext, step: int) -> dict[str, float]:
+        """Probe the teacher's backbone and, once it differs from the student's, the student's; the best so far
+        is written to model-best.pt (rank 0). Empty without a probe set."""
         if self.config.knn_path is None:
-            return None
+            return {}
         if self.probe is None:
             self.probe = KnnProbe(self.config.knn_path, self.size, self.rgb_stats)
-        return self.probe(module.backbone, ctx.device)
+        with torch.autocast(ctx.device.type, enabled=False), torch.no_grad():
+            scores = {"knn_top1": self.probe(teacher.backbone, ctx.device)}
+            if teacher is not self.model and step > 0:
+                scores["knn_student"] = self.probe(self.model.backbone, ctx.device)
+        best = self.knn.observe(step, scores["knn_top1"], scores.get("knn_student"))
+        if best is not None and ctx.dist.is_main:
+            write_checkpoint(
+                ctx.output_dir / BEST_FILE, *self.export(teacher if best == "teacher" else self.model, ctx)
+            )
+        return {**scores, "knn_start": self.knn.start, "knn_best": self.knn.best}
+
+    def _probe_start(self, ctx: StepContext) -> None:
+        """The k-NN of the starting weights (the teacher is still the student's copy), once per run."""
+        if self.knn.start is None and self.config.knn_path is not None and ctx.step == 0 and ctx.micro_step == 0:
+            scores = self._knn(ctx.ema.module if ctx.ema else self.model, ctx, 0)
+            logger.info("step 0 (the starting weights): k-NN top-1 %.4f", scores["knn_top1"])
 
     def validate(self, module: nn.Module, ctx: StepContext) -> dict[str, float]:
-        top1 = self._knn(module, ctx)
-        return {} if top1 is None else {"knn_top1": top1}
+        return self._knn(module, ctx, ctx.step)
+
+    def on_train_end(self, history: list[dict], ctx: StepContext) -> None:
+        k = self.knn
+        if k.start is None:
+            return
+        logger.info(
+            "k-NN top-1: start %.4f, best %.4f (the %s at step %d, %s), last %.4f (%s)",
+            k.start,
+            k.best,
+            k.best_of,
+            k.best_step,
+            BEST_FILE,
+            k.last,
+            MODEL_FILE,
+        )
+        if k.last < k.start:
+            logger.warning(
+                "the run ended below its starting k-NN (%.4f < %.4f): use %s, the best backbone (k-NN %.4f)",
+                k.last,
+                k.start,
+                BEST_FILE,
+                k.best,
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -311,22 +240,20 @@ class DinoV2Stage(Stage):
 
     def export(self, module: nn.Module, ctx: StepContext) -> tuple[dict, object]:
         """The teacher's backbone, in the reference .pt layout without a classifier."""
-        from hierax.weights.files import ModelInfo
-
         info = ModelInfo.create(self.network, {}, self.size, self.rgb_stats, config=self.network_config)
         return module.backbone.state_dict(), info
 
     def state_dict(self) -> dict:
-        return {"dino_targets": self.dino_targets.state_dict(), "ibot_targets": self.ibot_targets.state_dict()}
+        return {
+            "dino_targets": self.dino_targets.state_dict(),
+            "ibot_targets": self.ibot_targets.state_dict(),
+            "knn": self.knn.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.dino_targets.load_state_dict(state["dino_targets"])
         self.ibot_targets.load_state_dict(state["ibot_targets"])
-
-
-def default_lr(global_batch: int) -> float:
-    """DINOv2's learning rate: 0.004 at a batch of 1024, scaled by the square root of the batch."""
-    return 0.004 * math.sqrt(global_batch / 1024)
+        self.knn.load_state_dict(state.get("knn", {}))
 
 
 def unlabelled_paths(data: str | Path) -> list[str]:
@@ -355,6 +282,7 @@ def pretrain(
     config: DinoConfig | None = None,
     network_config: dict | None = None,
     dist: DistInfo | None = None,
+    memory_check: bool = True,
     **train_options,
 ) -> list[dict]:
     """Pretrain `network` with DINOv2 on the images of `data`; writes output_dir/model.pt (the teacher backbone,
@@ -362,7 +290,8 @@ def pretrain(
 
     `train_options` are TrainConfig fields (resume, seed, num_workers, accum_steps, amp, log_every, ...).
     Unset, the optimisation follows DINOv2 (AdamW, LR 0.004 x sqrt(batch / 1024), weight decay 0.04 -> 0.2,
-    clip 3.0, layer decay 0.9) with its warmup capped at 10% of the run."""
+    clip 3.0, layer decay 0.9), the warmup of `dino_recipe.warmup_epochs`. Before it starts, the run's peak memory
+    is estimated and a run that cannot fit raises HieraxError saying what to change (`memory_check=False`: skip)."""
     config = config or DinoConfig()
     crops = replace(
         config.crops,
@@ -378,17 +307,51 @@ def pretrain(
     augment = MultiCropAugmentation(config.crops)
     dataset = ImageDataset(unlabelled_paths(data), transform=augment)
     global_batch = batch_size * dist.world_size * train_options.get("accum_steps", 1)
+    steps_per_epoch = len(dataset) // global_batch
     options = dict(
         lr=lr or default_lr(global_batch),
         min_lr_ratio=0.001,
         weight_decay=0.04,
         weight_decay_end=0.2,
         layer_decay=0.9,
-        warmup_epochs=min(10.0, 0.1 * epochs),
+        warmup_epochs=warmup_epochs(epochs, steps_per_epoch),
         clip_grad=3.0,
         ema=True,
     )
     options.update(train_options)
     train_config = TrainConfig(output_dir=Path(output_dir), epochs=epochs, batch_size=batch_size, **options)
+    if memory_check:
+        check_run_memory(network, config, network_config or {}, train_config, dist)
     stage = DinoV2Stage(network, dataset, config, network_config, seed=train_config.seed)
     return Engine(stage, train_config, dist).fit()
+
+
+def check_run_memory(
+    network: str, config: DinoConfig, network_config: dict, train: TrainConfig, dist: DistInfo
+) -> MemoryEstimate:
+    """Estimate the run's peak memory (see dino_memory) and stop before it starts if it cannot fit."""
+    with torch.device("meta"):
+        student = build_student(network, config, **network_config)
+    crops = config.crops
+    cost = StudentCost.measure(student, crops.global_size, crops.local_size)
+    cells = math.prod(stage_grids(crops.global_size, crops.global_size, student.backbone.config.q_stride)[-1])
+    masked = 2 * config.mask_probability * sum(config.mask_ratio) / 2 * cells
+
+    def estimate(batch_size: int, grad_checkpointing: bool) -> MemoryEstimate:
+        return estimate_peak_memory(
+            cost,
+            batch_size=batch_size,
+            local_crops=crops.local_crops,
+            masked_tokens=masked,
+            num_workers=train.num_workers,
+            grad_checkpointing=grad_checkpointing,
+        )
+
+    return check_memory(
+        estimate,
+        batch_size=train.batch_size,
+        accum_steps=train.accum_steps,
+        grad_checkpointing=train.grad_checkpointing,
+        device=dist.device,
+        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
