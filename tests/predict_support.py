@@ -135,16 +135,18 @@ def base_photo() -> Image.Image:
     return _chelsea().copy()
 
 
-def gps_photo(path: Path, lat: float | None, lon: float | None, when: dt.datetime | None) -> Path:
-    """A JPEG of base_photo() with EXIF GPS (Pillow's rational degrees, minutes, seconds) and DateTimeOriginal;
-    no EXIF at all when both are None."""
+def gps_photo(
+    path: Path, lat: float | None, lon: float | None, when: dt.datetime | None, image: Image.Image | None = None
+) -> Path:
+    """A JPEG of `image` (default base_photo()) with EXIF GPS (Pillow's rational degrees, minutes, seconds) and
+    DateTimeOriginal; no EXIF at all when both are None."""
     path.parent.mkdir(parents=True, exist_ok=True)
     exif = Image.Exif()
     if lat is not None and lon is not None:
         exif[0x8825] = {1: "N" if lat >= 0 else "S", 2: _dms(lat), 3: "E" if lon >= 0 else "W", 4: _dms(lon)}
     if when is not None:
         exif[0x8769] = {0x9003: when.strftime("%Y:%m:%d %H:%M:%S")}
-    base_photo().save(path, "JPEG", quality=90, **({"exif": exif} if len(exif) else {}))
+    (image or base_photo()).save(path, "JPEG", quality=90, **({"exif": exif} if len(exif) else {}))
     return path
 
 
