@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -55,6 +57,27 @@ SIZE = 64
 def write_world_annotations(path: Path, n: int = 800, seed: int = 1) -> Path:
     """`n` presence records of WORLD as an iNat21-format annotation file."""
     return write_annotations(path, WORLD, *sample(WORLD, n, seed=seed))
+
+
+def write_world_dataset(root: Path, n: int = 40, unlocated: int = 4, seed: int = 7) -> Path:
+    """An iNat21-format evaluation set under `root`: `n` records of WORLD whose photos are all copies of
+    base_photo() (so only the place and date tell the species apart), plus `unlocated` copies without a
+    location; returns the JSON."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = write_annotations(root / "val.json", WORLD, *sample(WORLD, n, seed=seed))
+    doc = json.loads(path.read_text())
+    for k in range(unlocated):
+        i = len(doc["images"])
+        doc["images"].append({"id": i, "file_name": f"val/unlocated/{k}.jpg", "date": "2021-06-01"})
+        doc["annotations"].append({"id": i, "image_id": i, "category_id": k % len(WORLD)})
+    base = root / "photo.jpg"
+    base_photo().save(base, "JPEG", quality=90)
+    for image in doc["images"]:
+        target = root / image["file_name"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base, target)
+    path.write_text(json.dumps(doc))
+    return path
 
 
 def _write(path: Path, net: torch.nn.Module) -> Path:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from hierax.errors import HieraxError
 from hierax.geo import FitConfig, GeoPrior, combine, fit_prior, load_prior, read_annotations
 from hierax.inference import writers
+from hierax.inference.evaluate import evaluate, format_summary
 from hierax.inference.place import PLACE_COLUMNS
 from hierax.inference.predict import predict
 from tests.conftest import inat_names
@@ -28,6 +28,7 @@ from tests.predict_support import (
     broken_gps_photo,
     gps_photo,
     write_world_annotations,
+    write_world_dataset,
 )
 
 IMAGE_ONLY_PROBS = torch.softmax(torch.tensor(HEAD_BIAS), 0).numpy()
@@ -57,6 +58,12 @@ def world(tmp_path_factory):
     photos["plain"] = gps_photo(root / "photos" / "plain.jpg", None, None, None)
     photos["broken"] = broken_gps_photo(root / "photos" / "broken.jpg")
     return root, checkpoint, root / "prior.safetensors", photos
+
+
+def other_prior(prior_path, path):
+    """The fitted prior, saved as if fitted for a model with other classes."""
+    prior = load_prior(prior_path)
+    return GeoPrior(prior.net, inat_names(4), prior.columns, prior.uses_date).save(path)
 
 
 def by_name(rows: list[dict]) -> dict[str, dict]:
@@ -153,9 +160,7 @@ def test_prior_with_species_list_tta_and_resume(world, tmp_path):
 def test_bad_priors_and_options_are_refused_before_any_image_is_read(world, tmp_path):
     root, checkpoint, prior_path, _ = world
     out = tmp_path / "out.csv"
-    prior = load_prior(prior_path)
-    other = GeoPrior(prior.net, inat_names(4), prior.columns, prior.uses_date)  # aligned to other classes
-    other.save(tmp_path / "other.safetensors")
+    other_prior(prior_path, tmp_path / "other.safetensors")
     cases = {
         "geo prior not found": dict(geo_prior=tmp_path / "nope.safetensors"),
         "is not a hierax geo prior": dict(geo_prior=checkpoint),
@@ -168,4 +173,18 @@ def test_bad_priors_and_options_are_refused_before_any_image_is_read(world, tmp_
         with pytest.raises(HieraxError, match=message):
             predict([root / "photos"], checkpoint, output=out, workers=0, progress=False, **options)
         assert not list(tmp_path.glob("out*")), message
-    assert np.isfinite(prior.presence(0.0, 0.0)).all()
+
+
+def test_evaluate_puts_the_prior_beside_the_image_alone(world, tmp_path):
+    _, checkpoint, prior_path, _ = world
+    dataset = write_world_dataset(tmp_path / "val", n=24, unlocated=2)
+    report = evaluate(dataset, checkpoint, geo_prior=prior_path, workers=0, progress=False)
+    geo = report["geo_prior"]
+    assert (geo["evaluated"], geo["images_with_location"], geo["broken_metadata"]) == (26, 24, 0)
+    assert geo["all_images"]["image_only"]["top1"] == pytest.approx(report["top1"])
+    assert geo["with_location"]["image_only"]["top1"] < 0.5 <= 0.9 <= geo["with_location"]["with_prior"]["top1"]
+    assert "top-1, with a location" in format_summary(report)
+    plain = evaluate(dataset, checkpoint, workers=0, progress=False)
+    assert "geo_prior" not in plain and plain["top1"] == report["top1"]
+    with pytest.raises(HieraxError, match="shares no class"):
+        evaluate(dataset, checkpoint, geo_prior=other_prior(prior_path, tmp_path / "o.safetensors"), workers=0)

@@ -182,21 +182,17 @@ def format_summary(report: dict) -> str:
 
 
 def _geo_lines(geo: dict | None) -> list[str]:
+    """The side-by-side table of report["geo_prior"]."""
     if not geo:
         return []
-    lines = [
-        f"geo prior {geo['prior']}: {geo['images_with_location']} of {geo['evaluated']} images with a location"
-        + (
-            f", {geo['broken_metadata']} with broken location or date metadata (ignored)"
-            if geo["broken_metadata"]
-            else ""
-        ),
-        "                     image only   with prior",
-    ]
+    head = f"geo prior {geo['prior']}: {geo['images_with_location']} of {geo['evaluated']} images with a location"
+    if geo["broken_metadata"]:
+        head += f", {geo['broken_metadata']} with broken location or date metadata (ignored)"
+    lines = [head, f"{'':26}{'image only':>10}{'with prior':>12}"]
     for subset, label in (("all_images", "all images"), ("with_location", "with a location")):
-        for k in ("top1", "top5"):
+        for k, shown in (("top1", "top-1"), ("top5", "top-5")):
             pair = geo[subset]
-            lines.append(f"  {k[:3]}-{k[3:]} {label:<15} {pair['image_only'][k]:8.2%}     {pair['with_prior'][k]:8.2%}")
+            lines.append(f"  {shown}, {label:<17}{pair['image_only'][k]:>10.2%}{pair['with_prior'][k]:>12.2%}")
     return lines
 
 

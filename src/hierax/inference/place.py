@@ -80,8 +80,8 @@ def place_values(context: CaptureContext, prior_applied: bool) -> dict[str, Any]
     """A row's PLACE_COLUMNS: degrees, ISO date, where the location came from (override, csv, exif) and
     whether the prior re-weighted it; None where unknown."""
     return {
-        "latitude": context.latitude,
-        "longitude": context.longitude,
+        "latitude": None if context.latitude is None else round(context.latitude, 6),
+        "longitude": None if context.longitude is None else round(context.longitude, 6),
         "date": context.date.isoformat() if context.date else None,
         "location_source": context.location_source or None,
         "geo_prior_applied": prior_applied,
