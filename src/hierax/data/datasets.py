@@ -35,6 +35,7 @@ import csv
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -263,9 +264,12 @@ class ImageDataset(Dataset):
 
 def _capture(data: bytes, row: Mapping, overrides: Overrides) -> CaptureContext:
     """capture_context for one decoded file. It never raises on the metadata it knows; anything else its
-    parsers meet in a file's EXIF costs the image its place and time, never its prediction."""
+    parsers meet in a file's EXIF costs the image its place and time, never its prediction. Pillow's warnings
+    about corrupt EXIF are muted: a GPS block it cannot read is reported as a broken location instead."""
     try:
-        return capture_context(data, row, overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return capture_context(data, row, overrides)
     except Exception as err:  # metadata must not fail a batch job (see the docstring)
         fallback = capture_context(None, row, overrides)
         return replace(fallback, warnings=(*fallback.warnings, f"EXIF unreadable ({type(err).__name__}: {err})"))
