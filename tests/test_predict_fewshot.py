@@ -117,6 +117,25 @@ def test_user_species_join_the_ranking_and_strangers_are_unknown(setup):
     assert min(known_mass) > 0.7 and max(stranger_mass) < min(known_mass)
 
 
+def test_a_species_list_limits_the_model_classes_and_not_the_users(setup):
+    root, checkpoint, species_file, _, _ = setup
+    run = predict(
+        [root / "queries"],
+        checkpoint,
+        open_set=OpenSet.load(species_file),
+        species_list=[NAMES[0]],
+        top_k=5,
+        workers=0,
+        progress=False,
+    )
+    assert "label_4" in run.rows[0] and "label_5" not in run.rows[0]  # one model class and three of the user's
+    for row in run.rows:
+        labels = [row[f"label_{i}"] for i in (1, 2, 3, 4)]
+        assert sorted(labels) == sorted([NAMES[0], *KNOWN])
+        model_prob = row[f"prob_{labels.index(NAMES[0]) + 1}"]
+        assert model_prob == pytest.approx(1 - row["extra_species_prob"], abs=2e-6)  # all of 1 - m
+
+
 def test_only_extra_and_a_threshold_on_the_model_alone(setup):
     root, checkpoint, species_file, _, prior = setup
     only = predict(
