@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from hierax.data.datasets import ImageDataset, PathTable, collate_samples, default_workers, load_labelled
+from hierax.data.datasets import (
+    CAPTURE_KEY,
+    ImageDataset,
+    PathTable,
+    collate_samples,
+    default_workers,
+    load_labelled,
+)
 from hierax.data.images import decode_image
+from hierax.data.metadata import Overrides
 from hierax.errors import HieraxError
 from tests.data_fixtures import CLASS_NAMES, COMMON_NAMES, make_inat_dataset, write_bad_files, write_image
+from tests.test_data_metadata import pillow_exif
 
 
 def test_path_table_roundtrip_and_pickle():
@@ -129,3 +140,30 @@ def test_default_workers_follow_the_cpus_and_the_ranks(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_workers() == 1
+
+
+def test_capture_context_is_read_in_the_workers_beside_the_pixels(tmp_path):
+    """Where and when, per decoded image: EXIF GPS and date, CSV columns before EXIF, overrides before both;
+    corrupt EXIF costs the image its place, never its pixels; no capture key unless asked."""
+    paris = tmp_path / "paris.jpg"
+    Image.new("RGB", (40, 30), (90, 140, 60)).save(paris, exif=pillow_exif(48.8566, 2.3522))
+    corrupt = tmp_path / "corrupt.jpg"
+    blob = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05" + b"\x88\x25\x00\x04\x00\x00\x00\x01\x7f\xff\xff\xff" * 5
+    Image.new("RGB", (40, 30), (9, 14, 6)).save(corrupt, exif=blob)
+    bad = next(iter(write_bad_files(tmp_path / "bad")))
+    paths = [str(paris), str(corrupt), bad, str(paris)]
+    meta = [{}, {}, {}, {"latitude": "-33.9", "longitude": "151.2", "site": "B"}]
+    loader = DataLoader(
+        ImageDataset(paths, meta=meta, capture=Overrides()), batch_size=4, num_workers=1, collate_fn=collate_samples
+    )
+    (batch,) = list(loader)
+    exif, broken, csv = (m[CAPTURE_KEY] for m in batch["meta"])
+    assert (exif.latitude, exif.longitude, exif.location_source) == pytest.approx((48.8566, 2.3522, "exif"), abs=1e-4)
+    assert exif.date == dt.date(2023, 7, 14) and exif.date_source == "exif"
+    assert not broken.has_location and broken.warnings == ("EXIF GPS ignored: unparseable",)
+    assert batch["images"].shape[0] == 3 and [e[1] for e in batch["errors"]] == [bad]
+    assert (csv.latitude, csv.location_source, csv.date_source) == (-33.9, "csv", "exif")
+    assert batch["meta"][2]["site"] == "B"
+    fixed = ImageDataset([str(paris)], capture=Overrides.from_args((1.0, 2.0), "2020-02-02"))[0]["meta"][CAPTURE_KEY]
+    assert (fixed.latitude, fixed.date, fixed.location_source) == (1.0, dt.date(2020, 2, 2), "override")
+    assert CAPTURE_KEY not in ImageDataset([str(paris)])[0]["meta"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hierax.data.sources import expand_sources, find_images, read_path_list
+from hierax.data.sources import expand_sources, find_image_rows, find_images, read_path_list
 from hierax.errors import HieraxError
 from tests.data_fixtures import write_image
 
@@ -79,3 +79,24 @@ def test_no_images_names_the_sources(tree, caplog):
     assert str(raised.value).startswith(f"no images found in {tree / 'empty'}, {tree / 'a' / '*.zzz'} (")
     assert f"folder {tree / 'empty'} holds no image files" in caplog.text
     assert find_images(tree / "b") == [str(tree / "b/1.PNG"), str(tree / "b/2.jpg")]
+
+
+def test_csv_rows_keep_their_columns_per_path(tree):
+    listing = tree / "places.csv"
+    listing.write_text(
+        "path,latitude,longitude,date,site\n"
+        "b/2.jpg,48.85,2.35,2021-05-10,A\n"
+        f"{tree / 'c.gif'},,,,B\n"
+        "b/2.jpg,1,2,2020-01-01,again\n"
+    )
+    paths, rows = find_image_rows([listing, tree / "b"])
+    assert paths == [str(tree / "b/2.jpg"), str(tree / "c.gif"), str(tree / "b/1.PNG")]
+    assert rows[0] == {"latitude": "48.85", "longitude": "2.35", "date": "2021-05-10", "site": "A"}  # first row
+    assert rows[1]["site"] == "B" and rows[1]["latitude"] == "" and rows[2] == {}
+    # a header naming a place column but no `path` column: the path is the first column
+    no_path = tree / "no_path.csv"
+    no_path.write_text(f"image,Latitude,Longitude\n{tree / 'c.gif'},-33.9,151.2\n")
+    assert find_image_rows(no_path) == ([str(tree / "c.gif")], [{"Latitude": "-33.9", "Longitude": "151.2"}])
+    listed = tree / "list.txt"
+    listed.write_text("c.gif\n")
+    assert find_image_rows(listed) == ([str(tree / "c.gif")], [{}])

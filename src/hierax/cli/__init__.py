@@ -33,6 +33,7 @@ QUIET_LOGGERS = (
     "filelock",
     "matplotlib",
     "fsspec",
+    "faiss",
     "asyncio",
 )
 EXIT_CLOSED_STDOUT = 141  # what a Unix tool killed by SIGPIPE exits with (128 + 13)

@@ -45,6 +45,40 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def add_geo_options(parser: argparse.ArgumentParser) -> None:
+    """The "where and when" group of predict and evaluate: --geo-prior, --location, --date."""
+    geo = parser.add_argument_group(
+        "where and when",
+        "re-weight species by where and when each photo was taken: --location/--date, else the input CSV's "
+        "latitude, longitude and date columns, else the photo's EXIF GPS and DateTimeOriginal",
+    )
+    geo.add_argument("--geo-prior", metavar="PRIOR", help="a location prior (hierax geoprior fit) for this model")
+    geo.add_argument(
+        "--location",
+        nargs=2,
+        type=float,
+        metavar=("LAT", "LON"),
+        help="where every photo was taken, in decimal degrees (overrides CSV columns and EXIF)",
+    )
+    geo.add_argument("--date", metavar="YYYY-MM-DD", help="when every photo was taken (overrides CSV and EXIF)")
+
+
+def geo_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of predict / evaluate from the "where and when" group."""
+    return {"geo_prior": args.geo_prior, "location": args.location, "date": args.date}
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got '{text}'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value:g}")
+    return value
+
+
 def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
     """The "system" group of train and pretrain: device, precision, compile, workers, seed, logging."""
     system = parser.add_argument_group("system")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hierax.cli._options import add_model_options, model_kwargs
+from hierax.cli._options import add_geo_options, add_model_options, geo_kwargs, model_kwargs
 
 COMMAND = "evaluate"
 HELP = "measure accuracy and calibration on a labelled dataset (class folders, iNat21 JSON or CSV)"
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="write report.json, summary.txt and the PNG figures here")
     parser.add_argument("--common-names", help="JSON index -> common name (lets dataset labels be common names)")
     parser.add_argument("--confusion-classes", type=int, default=20, help="classes in the confusion matrix (20)")
+    add_geo_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         root=args.root,
         common_names=args.common_names,
         confusion_classes=args.confusion_classes,
+        **geo_kwargs(args),
         **options,
     )
     print(format_summary(report))

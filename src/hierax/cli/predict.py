@@ -6,7 +6,7 @@ import argparse
 import csv
 import sys
 
-from hierax.cli._options import add_model_options, model_kwargs
+from hierax.cli._options import add_geo_options, add_model_options, geo_kwargs, model_kwargs, probability
 
 COMMAND = "predict"
 HELP = "identify the species in images, folders, globs or path lists"
@@ -42,10 +42,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--species-list", help="file of allowed species (one per line); probabilities renormalised over them"
     )
+    add_geo_options(parser)
+    add_open_set_arguments(parser)
+
+
+def add_open_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "species of your own" group: few-shot species in the ranking, and "unknown" for a low best score."""
+    own = parser.add_argument_group(
+        "species of your own",
+        "species fitted from a few photos each (hierax fewshot fit) ranked with the model's classes, and "
+        "'unknown' where the best score is low",
+    )
+    own.add_argument("--extra-species", metavar="SPECIES", help="a few-shot species file made with this model")
+    own.add_argument("--only-extra", action="store_true", help="rank the extra species alone (no model classes)")
+    own.add_argument(
+        "--unknown-threshold",
+        type=probability,
+        metavar="P",
+        help="best probability below P -> 'unknown' (default: the extra species' calibrated threshold)",
+    )
+
+
+def open_set_options(args: argparse.Namespace):
+    """The OpenSet of --extra-species / --only-extra / --unknown-threshold, or None when none is given."""
+    if args.extra_species is None and args.unknown_threshold is None and not args.only_extra:
+        return None
+    # imported here: keeps hierax --help fast
+    from hierax.similar.openset import OpenSet
+
+    return OpenSet.load(args.extra_species, only_extra=args.only_extra, threshold=args.unknown_threshold)
 
 
 def run(args: argparse.Namespace) -> int:
     options = model_kwargs(args)
+    open_set = open_set_options(args)
     # imported here: keeps hierax --help fast
     from hierax.distributed import is_main_rank
     from hierax.inference.predict import predict
@@ -61,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         rollup=args.rollup or args.thresholds is not None,
         thresholds=args.thresholds,
         species_list=args.species_list,
+        open_set=open_set,
+        **geo_kwargs(args),
         **options,
     )
     if args.output is None and summary.rows:

@@ -10,12 +10,15 @@ API:
         - a `.csv` of `path,label` (header optional; paths relative to `root`, default the CSV's folder).
         With `class_to_idx` (a model's), labels are mapped onto it and unknown class names raise HieraxError.
     LabelledData: .paths (sequence of str), .labels (int64 array), .class_to_idx, .class_names, .common_names
-    ImageDataset(paths, transform=None, labels=None, meta=None) -> torch Dataset of dict samples:
+    ImageDataset(paths, transform=None, labels=None, meta=None, capture=None) -> torch Dataset of dict samples:
         {"index": int, "path": str, "image": Tensor | None, "label": int (-1 when unlabelled), "error": str | None,
          "meta": dict (what the sources know about the image, e.g. per-row list columns; {} when nothing)}
         Decoding (`hierax.data.images.decode_image`) and `transform` (e.g. the resize and normalisation of
         `hierax.transforms.classification_transform`) run in the DataLoader workers. A file that cannot be decoded
         gives image=None and error=<reason> instead of an exception. `ImageDataset.from_labelled(data, transform)`.
+        With `capture` (a `hierax.data.metadata.Overrides`, empty for none), each decoded sample's meta also holds
+        "capture": the `CaptureContext` (where and when it was taken) from the overrides, the meta row's
+        latitude/longitude/date columns and the file's EXIF, read from the same bytes as the pixels.
     collate_samples(samples) -> dict batch for DataLoader(collate_fn=collate_samples):
         {"images": Tensor (N, ...) | None, "labels": LongTensor (N,), "indices": LongTensor (N,),
          "paths": list[str] (N), "meta": list[dict] (N), "errors": list[(index, path, reason)]} where N counts the
@@ -32,14 +35,16 @@ import csv
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hierax.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIDE, decode_image
+from hierax.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIDE, decode_image, read_bytes
+from hierax.data.metadata import CaptureContext, Overrides, capture_context
 from hierax.data.sources import is_image_path
 from hierax.errors import HieraxError, ImageDecodeError
 
@@ -47,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 Sample = dict
 Transform = Callable[[torch.Tensor], torch.Tensor]
+CAPTURE_KEY = "capture"  # the meta entry holding a sample's CaptureContext
 
 
 class PathTable(Sequence[str]):
@@ -209,6 +215,7 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | np.ndarray | None = None,
         *,
         meta: Sequence[Mapping] | None = None,
+        capture: Overrides | None = None,
         max_pixels: int = MAX_PIXELS,
         min_side: int = MIN_SIDE,
     ) -> None:
@@ -219,6 +226,7 @@ class ImageDataset(Dataset):
         self.meta = meta
         if meta is not None and len(meta) != len(self.paths):
             raise HieraxError(f"{len(self.paths)} paths but {len(meta)} metadata rows")
+        self.capture = capture
         self.transform = transform
         self.max_pixels = max_pixels
         self.min_side = min_side
@@ -237,10 +245,13 @@ class ImageDataset(Dataset):
         meta = dict(self.meta[index]) if self.meta is not None else {}
         sample: Sample = {"index": index, "path": path, "image": None, "label": label, "error": None, "meta": meta}
         try:
-            image = decode_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
+            data = read_bytes(path)  # read once: the pixels and the EXIF come from these bytes
+            image = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
         except ImageDecodeError as err:
             sample["error"] = str(err)
             return sample
+        if self.capture is not None:
+            meta[CAPTURE_KEY] = _capture(data, meta, self.capture)
         if self.transform is not None:
             try:
                 image = self.transform(image)
@@ -249,6 +260,19 @@ class ImageDataset(Dataset):
                 return sample
         sample["image"] = image
         return sample
+
+
+def _capture(data: bytes, row: Mapping, overrides: Overrides) -> CaptureContext:
+    """capture_context for one decoded file. It never raises on the metadata it knows; anything else its
+    parsers meet in a file's EXIF costs the image its place and time, never its prediction. Pillow's warnings
+    about corrupt EXIF are muted: a GPS block it cannot read is reported as a broken location instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return capture_context(data, row, overrides)
+    except Exception as err:  # metadata must not fail a batch job (see the docstring)
+        fallback = capture_context(None, row, overrides)
+        return replace(fallback, warnings=(*fallback.warnings, f"EXIF unreadable ({type(err).__name__}: {err})"))
 
 
 def collate_samples(samples: list[Sample]) -> dict:
@@ -265,6 +289,7 @@ def collate_samples(samples: list[Sample]) -> dict:
 
 
 __all__ = [
+    "CAPTURE_KEY",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
     "LabelledData",

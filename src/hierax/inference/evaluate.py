@@ -5,6 +5,11 @@ text summary.
 Only the top-5 classes and the top-1 confidence of each image are kept, so memory stays O(images), not
 O(images x classes). Rank accuracy compares the top-1 class's lineage with the true class's: the right genus
 with the wrong species counts as correct at genus level and above.
+
+With a location prior (`geo_prior`), the same forward pass is also scored after re-weighting by each image's
+place and date (an iNat21 JSON's latitude/longitude/date, else the file's EXIF; `location`/`date` override
+both), and `report["geo_prior"]` puts top-1/top-5 with and without the prior side by side, over all images and
+over those with a location. The rest of the report describes the image-only predictions.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from matplotlib.figure import Figure
 
 from hierax.atomic import atomic_write
 from hierax.data.datasets import LabelledData, load_labelled
+from hierax.data.metadata import Overrides
 from hierax.data.taxonomy import RANKS, Taxonomy, load_common_names, top_k
 from hierax.errors import HieraxError
-from hierax.inference.loading import ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.geo import GeoPrior
+from hierax.geo.annotations import annotation_rows
+from hierax.inference.loading import BatchResult, ModelSpec, iter_predictions, make_loader, resolve_model
 from hierax.inference.metrics import topk_correct
+from hierax.inference.place import GeoStep, PlaceTally, capture_of, load_geo_prior, prior_for_model
 from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
@@ -166,9 +175,59 @@ def format_summary(report: dict) -> str:
             f"  {p['count']:5d}  {short_name(p['true'])} -> {short_name(p['predicted'])}"
             for p in report["most_confused"][:5]
         ]
+    lines += _geo_lines(report.get("geo_prior"))
     for kind, path in report.get("files", {}).items():
         lines.append(f"{kind}: {path}")
     return "\n".join(lines)
+
+
+def _geo_lines(geo: dict | None) -> list[str]:
+    """The side-by-side table of report["geo_prior"]."""
+    if not geo:
+        return []
+    head = f"geo prior {geo['prior']}: {geo['images_with_location']} of {geo['evaluated']} images with a location"
+    if geo["broken_metadata"]:
+        head += f", {geo['broken_metadata']} with broken location or date metadata (ignored)"
+    lines = [head, f"{'':26}{'image only':>10}{'with prior':>12}"]
+    for subset, label in (("all_images", "all images"), ("with_location", "with a location")):
+        for k, shown in (("top1", "top-1"), ("top5", "top-5")):
+            pair = geo[subset]
+            lines.append(f"  {shown}, {label:<17}{pair['image_only'][k]:>10.2%}{pair['with_prior'][k]:>12.2%}")
+    return lines
+
+
+class _PriorScores:
+    """The prior's side of an evaluation: each batch re-weighted by GeoStep, its top-5 kept beside the
+    image-only one, and which images had a location."""
+
+    def __init__(self, prior: GeoPrior, label: str) -> None:
+        self.step, self.label, self.tally = GeoStep(prior), label, PlaceTally()
+        self.top5: list[np.ndarray] = []
+        self.located: list[np.ndarray] = []
+
+    def add(self, result: BatchResult) -> None:
+        self.tally.add(result)
+        self.top5.append(top_k(self.step(result.probs, result), 5)[0])
+        self.located.append(np.array([capture_of(m).has_location for m in result.meta], dtype=bool))
+
+    def report(self, labels: np.ndarray, image_top5: np.ndarray) -> dict:
+        """Top-1/top-5 with and without the prior, over all images and over those with a location."""
+        k = image_top5.shape[1]
+        prior_top5 = np.concatenate(self.top5) if self.top5 else np.zeros((0, k), dtype=np.int64)
+        located = np.concatenate(self.located) if self.located else np.zeros(0, dtype=bool)
+
+        def rates(top5: np.ndarray, rows: np.ndarray) -> dict:
+            hits1, hits5 = topk_correct(top5[rows], labels[rows])
+            return {
+                "top1": float(hits1.mean()) if rows.any() else 0.0,
+                "top5": float(hits5.mean()) if rows.any() else 0.0,
+            }
+
+        out = {"prior": self.label, "evaluated": int(len(labels)), "images_with_location": int(located.sum())}
+        out["broken_metadata"] = self.tally.warned
+        for subset, rows in (("all_images", np.ones(len(labels), bool)), ("with_location", located)):
+            out[subset] = {"image_only": rates(image_top5, rows), "with_prior": rates(prior_top5, rows)}
+        return out
 
 
 def map_labels(data: LabelledData, taxonomy: Taxonomy) -> np.ndarray:
@@ -224,23 +283,45 @@ def evaluate(
     common_names: str | os.PathLike | None = None,
     confusion_classes: int = 20,
     bins: int = 15,
+    geo_prior: str | os.PathLike | GeoPrior | None = None,
+    location: Sequence[float] | None = None,
+    date: str | None = None,
     progress: bool = True,
     backend: str = "torch",
 ) -> dict:
     """Evaluate `model` on a labelled dataset (class folders, iNat21 JSON or CSV); returns the report dict and,
     with output_dir, writes report.json, summary.txt, confusion_matrix.png and reliability.png there.
-    common_names (JSON index -> name, or iNat21 JSON) lets dataset labels be common names."""
+    common_names (JSON index -> name, or iNat21 JSON) lets dataset labels be common names. geo_prior: also
+    score the predictions re-weighted by a location prior (see the module docstring); location (LAT, LON) and
+    date override every image's own."""
     # Inputs first, then the model: a dataset without images or a backbone stops before any image is read.
     size = check_size(size) if size is not None else None
+    overrides = Overrides.from_args(location, date)
+    if (overrides.has_location or overrides.date is not None) and geo_prior is None:
+        raise HieraxError("--location and --date feed the location prior: give --geo-prior PRIOR as well")
+    prior = load_geo_prior(geo_prior) if geo_prior is not None else None
     data = load_labelled(dataset, root=root)
     if len(data) == 0:
         raise HieraxError(f"no images found in the dataset {dataset}")
+    places = None
+    if prior is not None and str(dataset).lower().endswith(".json"):
+        where = annotation_rows(dataset, root)
+        places = [where.get(path, {}) for path in data.paths]
     net, info = resolve_model(model, device=device, size=size, backend=backend)
     require_classifier(info, "evaluate species predictions")
     names = load_common_names(common_names, info.class_names) if common_names else None
     model_labels = map_labels(data, Taxonomy(info.class_names, names))
+    with_prior = _PriorScores(prior_for_model(prior, info), str(geo_prior)) if prior is not None else None
     transform = classification_transform(info.size, info.rgb_stats)
-    loader = make_loader(data.paths, transform, batch_size=batch_size, workers=workers, labels=model_labels)
+    loader = make_loader(
+        data.paths,
+        transform,
+        batch_size=batch_size,
+        workers=workers,
+        labels=model_labels,
+        meta=places,
+        capture=overrides if prior is not None else None,
+    )
     labels, top5, confidence, errors = [], [], [], []
     for result in iter_predictions(net, loader, amp=amp, tta=tta, progress=progress, total=len(data)):
         errors.extend((path, reason) for _, path, reason in result.errors)
@@ -250,6 +331,8 @@ def evaluate(
         labels.append(result.labels)
         top5.append(idx)
         confidence.append(vals[:, 0])
+        if with_prior is not None:
+            with_prior.add(result)
     k = min(5, info.num_classes)
     report = {"model": str(model if not isinstance(model, tuple) else info.network), "dataset": str(dataset)}
     report.update(
@@ -263,6 +346,11 @@ def evaluate(
     )
     report["failed"] = len(errors)
     report["errors"] = [{"path": p, "reason": r} for p, r in errors]
+    if with_prior is not None:
+        report["geo_prior"] = with_prior.report(
+            np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+            np.concatenate(top5) if top5 else np.zeros((0, k), dtype=np.int64),
+        )
     if output_dir is not None:
         labels_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         preds = np.concatenate(top5)[:, 0] if top5 else np.zeros(0, dtype=np.int64)

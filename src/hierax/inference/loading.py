@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hierax.data.datasets import ImageDataset, collate_samples, default_workers
+from hierax.data.metadata import Overrides
 from hierax.distributed import default_device
 from hierax.inference.classification import check_stages, infer_batch, infer_stages
 from hierax.sizes import check_size
@@ -56,12 +57,16 @@ def make_loader(
     workers: int | None = None,
     labels: Sequence[int] | np.ndarray | None = None,
     meta: Sequence[Mapping] | None = None,
+    capture: Overrides | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader that decodes and transforms in `workers` processes (default_workers() unless given) and
-    collates with errors as values. `paths` may also be a dataset of collate_samples samples."""
+    collates with errors as values. `paths` may also be a dataset of collate_samples samples. `meta` and
+    `capture`: see ImageDataset (per-path rows, and reading where and when each image was taken)."""
     workers = default_workers() if workers is None else workers
-    dataset = paths if isinstance(paths, Dataset) else ImageDataset(paths, transform, labels, meta=meta)
+    dataset = (
+        paths if isinstance(paths, Dataset) else ImageDataset(paths, transform, labels, meta=meta, capture=capture)
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -74,10 +74,10 @@ class Shards:
         self.ddp.barrier()
         return list(todo[self.ddp.rank :: self.ddp.world_size])
 
-    def total(self, succeeded: int, failed: int) -> tuple[int, int]:
-        """The counts summed over ranks."""
-        counts = self.ddp.all_reduce_sum(torch.tensor([succeeded, failed], dtype=torch.int64))
-        return int(counts[0]), int(counts[1])
+    def total(self, *counts: int) -> tuple[int, ...]:
+        """Each count summed over ranks (in the order given)."""
+        summed = self.ddp.all_reduce_sum(torch.tensor(counts, dtype=torch.int64))
+        return tuple(int(c) for c in summed)
 
     def merge(self, columns: Sequence[str], order: Sequence[str], *, resume: bool) -> None:
         """Rank 0 merges every rank's part (and, on resume, the earlier output) into the output and the errors

@@ -7,6 +7,7 @@
     ExtraSpecies.load(FILE)                          .probabilities(embeddings) -> (N, E)
     combine_scores(model_probs, embeddings, extra)   one ranked list of the model's classes and the user's
     decide(probs, names, threshold)                  best name or "unknown"; open_set_rollup for the roll-up
+    OpenSet.load(FILE, only_extra=False, threshold=None)   those rules as `predict(..., open_set=...)` takes them
 
 Queries, references and indexed photos go through the same `hierax.inference.predict.embed`; every file records
 the model that made it (ModelIdentity) and refuses embeddings of another.
@@ -15,7 +16,15 @@ the model that made it (ModelIdentity) and refuses embeddings of another.
 from hierax.similar.fewshot import ExtraSpecies, fit_fewshot, fit_prototypes
 from hierax.similar.identity import ModelIdentity, ModelMismatchError
 from hierax.similar.index import IndexSummary, Match, SimilarIndex, build_index, open_index
-from hierax.similar.openset import UNKNOWN, RankedScores, combine_scores, decide, open_set_rollup, unknown_mask
+from hierax.similar.openset import (
+    UNKNOWN,
+    OpenSet,
+    RankedScores,
+    combine_scores,
+    decide,
+    open_set_rollup,
+    unknown_mask,
+)
 from hierax.similar.search import SearchResult, embed_images, load_matching_model, search_images
 
 __all__ = [
@@ -25,6 +34,7 @@ __all__ = [
     "Match",
     "ModelIdentity",
     "ModelMismatchError",
+    "OpenSet",
     "RankedScores",
     "SearchResult",
     "SimilarIndex",

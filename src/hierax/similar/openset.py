@@ -9,19 +9,25 @@ So each row sums to 1, the model's order among its own classes never changes, a 
 nearly as they were. With only_extra the list holds the user's species alone; 1 - m is then "none of them".
 
 Open set: a row whose best probability is below the threshold is "unknown" (`decide`); `open_set_rollup`
-applies the same rule to a taxonomic roll-up, so predict, the service and the roll-up agree.
+applies the same rule to a taxonomic roll-up, so predict, the service and the roll-up agree. `OpenSet` bundles
+these rules for `hierax predict` (hierax.inference.rows.OpenSetRule), which takes it as a value: this package
+embeds through predict, so predict cannot import it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from hierax.data.taxonomy import Rollup, Taxonomy, top_k
 from hierax.errors import HieraxError
 from hierax.similar.fewshot import ExtraSpecies
+from hierax.similar.identity import ModelIdentity
+from hierax.weights.files import ModelInfo
 
 UNKNOWN = "unknown"
 
@@ -126,3 +132,65 @@ def open_set_rollup(
             result = Rollup("", UNKNOWN, result.probability)
         out.append(result)
     return out
+
+
+@dataclass
+class OpenSet:
+    """The user's few-shot species in predict's ranking and "unknown" for a low best score. `extra`: the species
+    (None: the model's classes alone, with `threshold` as the floor of a believable answer); `only_extra`: rank
+    the user's species alone; `threshold`: None takes the species file's calibrated one."""
+
+    extra: ExtraSpecies | None = None
+    only_extra: bool = False
+    threshold: float | None = None
+    unknown_label: str = UNKNOWN
+
+    def __post_init__(self) -> None:
+        if self.only_extra and self.extra is None:
+            raise HieraxError("--only-extra ranks the species of --extra-species alone: give --extra-species FILE")
+        if self.threshold is None and self.extra is not None:
+            self.threshold = float(self.extra.unknown_threshold)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise HieraxError(f"the unknown threshold is a probability in [0, 1], not {self.threshold}")
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike | None = None, *, only_extra: bool = False, threshold: float | None = None
+    ) -> OpenSet:
+        """From a few-shot species file (`hierax fewshot fit`), or none; HieraxError for a file that is not one."""
+        return cls(ExtraSpecies.load(path) if path is not None else None, only_extra, threshold)
+
+    @property
+    def extra_names(self) -> list[str]:
+        return list(self.extra.class_names) if self.extra is not None else []
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.extra is not None
+
+    def check_model(self, model: Any, net: Any, info: ModelInfo, *, tta: bool) -> None:
+        """ModelMismatchError unless this model (at this size and tta) made the species' embeddings; HieraxError
+        when a user species is named like one of the model's classes. Run before any image is read."""
+        if self.extra is None:
+            return
+        self.extra.check_model(ModelIdentity.of(model, net, info, tta=tta))
+        clash = sorted(set(info.class_names) & set(self.extra.class_names))
+        if clash and not self.only_extra:
+            raise HieraxError(f"user species named like model classes: {', '.join(clash[:5])}; rename them")
+
+    def rank(self, probs: np.ndarray, embeddings: np.ndarray | None, model_names: list[str]) -> RankedScores:
+        """One batch's ranked list (combine_scores), or the model's classes alone when there are no user species."""
+        if self.extra is None:
+            rows = len(probs)
+            return RankedScores(probs, list(model_names), np.zeros(len(model_names), bool), np.zeros(rows), probs)
+        if embeddings is None:
+            raise HieraxError("the user's species are scored on embeddings: run the model with return_embedding")
+        return combine_scores(probs, embeddings, self.extra, model_names, only_extra=self.only_extra)
+
+    def unknown(self, best: np.ndarray) -> np.ndarray:
+        """True where a row's best probability is below the threshold."""
+        return unknown_mask(best, self.threshold)
+
+    def rollup(self, taxonomy: Taxonomy, ranked: RankedScores, thresholds: Mapping[str, float] | None) -> list[Rollup]:
+        """open_set_rollup with this threshold."""
+        return open_set_rollup(taxonomy, ranked, thresholds, self.threshold)
