@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 
 from hierax.data.sources import find_images
+from hierax.data.taxonomy import Taxonomy
 from hierax.distributed import close_distributed
 from hierax.errors import HieraxError
 from hierax.inference import formats, writers
 from hierax.inference.classification import check_stages, device_and_dtype
-from hierax.inference.loading import BatchResult, ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.inference.loading import BatchResult, ModelSpec, iter_predictions, make_loader, model_label, resolve_model
 from hierax.inference.rows import EmbeddingRows, PredictionRows
 from hierax.inference.sharding import Shards, join_ranks
+from hierax.interchange.xmp import SidecarWriter
 from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
@@ -87,16 +89,19 @@ class _Job:
     rows_for_model: Callable[[ModelInfo], tuple[list[str], RowsFor]]
     return_embedding: bool = False
     features: Sequence[str] = ()
+    xmp: bool = False
 
 
 @dataclass
 class _Outputs:
-    """Where a rank's rows and failures go: files (chunked, published at the end) or memory."""
+    """Where a rank's rows and failures go: files (chunked, published at the end) or memory; with `sidecars`,
+    every row's photo also gets its XMP sidecar (one that cannot be written is a failure)."""
 
     writer: writers.RowWriter | None
     errors: writers.ErrorsWriter | None
     rows: list[dict] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    sidecars: SidecarWriter | None = None
 
     def add(self, result: BatchResult, rows: list[dict]) -> None:
         if self.writer:
@@ -104,6 +109,12 @@ class _Outputs:
         else:
             self.rows.extend(rows)
         failures = [(path, reason) for _, path, reason in result.errors]
+        if self.sidecars is not None:
+            failures += self.sidecars.write_rows(rows)
+        self.report(failures)
+
+    def report(self, failures: list[tuple[str, str]]) -> None:
+        """(path, reason) pairs to the errors file, or to the log and memory."""
         if self.errors:
             self.errors.write(failures)
         else:
@@ -113,6 +124,9 @@ class _Outputs:
 
     def finish(self, ok: bool) -> None:
         """Publish the files (ok), or keep what is finished for --resume."""
+        if self.sidecars is not None and self.sidecars.failed:
+            where = self.errors.path if self.errors else "the log above"
+            logger.warning("%d XMP sidecars could not be written: see %s", self.sidecars.failed, where)
         for out in (self.writer, self.errors):
             if out is not None and ok:
                 out.close()
@@ -186,6 +200,7 @@ def _run(
         outputs = _Outputs(
             writers.open_writer(my_output, columns, resume=resume, chunk_size=chunk_size) if my_output else None,
             writers.ErrorsWriter(my_errors) if my_errors else None,
+            sidecars=SidecarWriter(Taxonomy(info.class_names), model=model_label(model, info)) if job.xmp else None,
         )
         results = iter_predictions(
             net,
@@ -232,6 +247,7 @@ def predict(
     chunk_size: int = 256,
     progress: bool = True,
     backend: str = "torch",
+    xmp: bool = False,
 ) -> RunSummary:
     """Classify every image named by `sources`; rows go to `output` (.csv/.jsonl/.parquet) or summary.rows.
 
@@ -239,7 +255,8 @@ def predict(
     (class names, binomials, common names) that predictions are restricted to and renormalised over; only they
     fill the top-k columns. rollup: add the deepest rank whose summed probability passes `thresholds` (species
     0.8, genus 0.6, family 0.4 by default). backend: torch, onnxruntime or torchscript (see
-    hierax.weights.load.load_with_backend)."""
+    hierax.weights.load.load_with_backend). xmp: write or update each photo's XMP sidecar with its answer
+    (hierax.interchange.xmp); a sidecar that cannot be written goes to the errors file."""
     if top_k < 1:
         raise HieraxError("top_k must be at least 1")
 
@@ -261,7 +278,7 @@ def predict(
     return _run(
         sources,
         model,
-        _Job(rows_for_model),
+        _Job(rows_for_model, xmp=xmp),
         output=output,
         errors_output=errors_output,
         resume=resume,
