@@ -38,7 +38,8 @@ from hierax.data.boxes import FrameBoxes
 from hierax.data.crops import CropDataset, CropPolicy, fill_from_stats, make_crop_loader
 from hierax.data.datasets import default_workers
 from hierax.data.metadata import Overrides
-from hierax.distributed import close_distributed
+from hierax.data.taxonomy import Taxonomy
+from hierax.distributed import DistInfo, close_distributed
 from hierax.errors import HieraxError
 from hierax.geo import GeoPrior, apply_prior, load_prior
 from hierax.inference import formats, writers
@@ -185,7 +186,12 @@ def _run_frames(
     info: ModelInfo,
     classifier: _Classifier,
     outputs: _Outputs,
-    **options,
+    *,
+    batch_size: int,
+    workers: int | None,
+    amp: bool,
+    tta: bool,
+    progress: bool,
 ) -> tuple[Results, dict[int, str], dict[int, dict | None]]:
     """Classify the boxes of this rank's frames, rows and failures to `outputs` as batches finish; (results,
     failures, captures) by frame index."""
@@ -195,16 +201,15 @@ def _run_frames(
     dataset = CropDataset(mine, transform, plan.policy, fill, capture=True, overrides=plan.overrides)
     loader = make_crop_loader(
         dataset,
-        batch_size=options["batch_size"],
-        workers=default_workers() if options["workers"] is None else options["workers"],
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
         pin_memory=device_and_dtype(net)[0].type == "cuda",
         worker_init_fn=_yield_to_the_model,
     )
     captures = _Captures(loader)
     results: Results = {}
     failures: dict[int, str] = {}
-    run = {k: options[k] for k in ("amp", "tta", "progress")}
-    for result in iter_predictions(net, captures, total=dataset.num_crops, **run):
+    for result in iter_predictions(net, captures, amp=amp, tta=tta, progress=progress, total=dataset.num_crops):
         new = {}
         if result.probs is not None:
             frame_ids, detection_ids = dataset.locate(result.indices)
@@ -221,7 +226,14 @@ def _run_frames(
     return results, failures, captures.found
 
 
-def _sidecars(plan: DetectionPlan, mine, results: Results, failures, taxonomy, label: str) -> list[tuple[str, str]]:
+def _sidecars(
+    plan: DetectionPlan,
+    mine: Sequence[FrameBoxes],
+    results: Results,
+    failures: Mapping[int, str],
+    taxonomy: Taxonomy,
+    label: str,
+) -> list[tuple[str, str]]:
     """An XMP sidecar for every frame of this rank that was read, one keyword per species found in it."""
     writer = SidecarWriter(taxonomy, model=label)
     failed = []
@@ -235,7 +247,7 @@ def _sidecars(plan: DetectionPlan, mine, results: Results, failures, taxonomy, l
     return failed
 
 
-def _gather(ddp, *parts: dict) -> list[dict] | None:
+def _gather(ddp: DistInfo, *parts: dict) -> list[dict] | None:
     """Each of `parts` merged over the ranks, on rank 0 (None on the others)."""
     gathered = ddp.gather_objects(parts)
     if gathered is None:
