@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
+from fractions import Fraction
 from pathlib import Path
 
+import frictionless
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from skimage import data as skdata
 
 from hierax.data.crops import CropDataset, CropPolicy, fill_from_stats, make_crop_loader
@@ -52,9 +55,29 @@ FRAMES = [
 ]
 
 
-def make_camera_folder(root: Path, *, size: tuple[int, int] = (320, 240)) -> Path:
+def camera_exif(when: dt.datetime, lat: float, lon: float) -> Image.Exif:
+    """EXIF as a camera trap writes it: DateTimeOriginal and a GPS position."""
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N" if lat >= 0 else "S", 2: _dms(lat), 3: "E" if lon >= 0 else "W", 4: _dms(lon)}
+    exif[0x8769] = {0x9003: when.strftime("%Y:%m:%d %H:%M:%S")}
+    return exif
+
+
+def _dms(value: float) -> tuple[Fraction, Fraction, Fraction]:
+    value = abs(value)
+    degrees = int(value)
+    minutes = int((value - degrees) * 60)
+    return Fraction(degrees), Fraction(minutes), Fraction(round((value - degrees - minutes / 60) * 3600, 2))
+
+
+EXIF_DAY = dt.timedelta(days=1)  # EXIF times are a day after the file times, so the two cannot be mixed up
+EXIF_PLACE = (52.1, 5.2)
+
+
+def make_camera_folder(root: Path, *, size: tuple[int, int] = (320, 240), exif: bool = False) -> Path:
     """Frames from a real photo under root/cam1, root/cam2 (file times set) and root/md.json describing them, with
-    a failed image as MegaDetector writes one. Returns the MegaDetector file's path."""
+    a failed image as MegaDetector writes one. exif: cam1's frames carry DateTimeOriginal (a day after their file
+    times) and EXIF_PLACE. Returns the MegaDetector file's path."""
     photo = skdata.astronaut()
     images = []
     for n, (folder, name, seconds, dets) in enumerate(FRAMES):
@@ -64,7 +87,10 @@ def make_camera_folder(root: Path, *, size: tuple[int, int] = (320, 240)) -> Pat
             path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
         else:
             shift = 25 * n
-            Image.fromarray(np.roll(photo, shift, axis=1)).resize(size).save(path, quality=90)
+            extra = {}
+            if exif and folder == "cam1":
+                extra["exif"] = camera_exif(START + EXIF_DAY + dt.timedelta(seconds=seconds), *EXIF_PLACE)
+            Image.fromarray(np.roll(photo, shift, axis=1)).resize(size).save(path, quality=90, **extra)
         stamp = (START + dt.timedelta(seconds=seconds)).timestamp()
         os.utime(path, (stamp, stamp))
         detections = [{"category": c, "conf": conf, "bbox": bbox} for c, conf, bbox in dets]
@@ -112,3 +138,33 @@ def classify_detections(md_path: Path, root: Path, *, k: int = 3, rollup: bool =
             results.update({(int(f), int(d)): c for f, d, c in zip(frame_idx, det_idx, found)})
         failures.update({frame: reason for frame, _, reason in batch.errors})
     return md, results, failures, taxonomy
+
+
+SCHEMAS = Path(__file__).parent / "data" / "camtrap-dp-1.0.2"
+
+
+def frictionless_report(package_dir: Path, work: Path) -> frictionless.Report:
+    """Validate a Camtrap DP package's tables against the local copies of the 1.0.2 schemas (tests/data, MIT), in a
+    copy whose descriptor points at them (the tests are offline)."""
+    shutil.copytree(package_dir, work)
+    descriptor = json.loads((work / "datapackage.json").read_text())
+    for resource in descriptor["resources"]:
+        name = f"{resource['name']}-table-schema.json"
+        assert resource["schema"] == f"https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0.2/{name}"
+        shutil.copy(SCHEMAS / name, work / name)
+        resource["schema"] = name
+    descriptor.pop("profile")
+    return frictionless.validate(descriptor, basepath=str(work))
+
+
+def megadetector_validator():
+    """MegaDetector's own validator of batch-output files: path -> its validation_results. Importing megadetector
+    sets Pillow's process-wide LOAD_TRUNCATED_IMAGES (its visualization module does, on import), which would make
+    truncated photos decode in every later test; the flag is put back, so the import happens here."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
+    options = ValidateBatchResultsOptions()
+    options.check_image_existence = False
+    return lambda path: validate_batch_results(str(path), options)["validation_results"]

@@ -12,10 +12,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 
-import frictionless
 import jsonschema
 import pytest
 
@@ -25,22 +23,7 @@ from hierax.interchange.camtrapdp import PROFILE_URL, parse_utc_offset, write_pa
 from hierax.interchange.events import capture_times
 from hierax.interchange.megadetector import local_path, read_detections, write_classified
 
-from .interchange_support import CLASS_NAMES, classify_detections, make_camera_folder
-
-SCHEMAS = Path(__file__).parent / "data" / "camtrap-dp-1.0.2"
-
-
-def _frictionless(package_dir: Path, work: Path) -> frictionless.Report:
-    """Validate the package's tables against the local schemas (a copy whose descriptor points at them)."""
-    shutil.copytree(package_dir, work)
-    descriptor = json.loads((work / "datapackage.json").read_text())
-    for resource in descriptor["resources"]:
-        name = f"{resource['name']}-table-schema.json"
-        assert resource["schema"] == f"https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0.2/{name}"
-        shutil.copy(SCHEMAS / name, work / name)
-        resource["schema"] = name
-    descriptor.pop("profile")
-    return frictionless.validate(descriptor, basepath=str(work))
+from .interchange_support import CLASS_NAMES, SCHEMAS, classify_detections, frictionless_report, make_camera_folder
 
 
 def _profile_errors(descriptor: dict) -> list[str]:
@@ -76,7 +59,7 @@ def predictions(tmp_path_factory):
 def test_package_is_valid_camtrap_dp(predictions, tmp_path):
     root, out, results = predictions
     package = write_package(out, tmp_path / "pkg", latitude=52.1, longitude=5.2, utc_offset=parse_utc_offset("+02:00"))
-    report = _frictionless(package.parent, tmp_path / "check")
+    report = frictionless_report(package.parent, tmp_path / "check")
     assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "message"])
     descriptor = json.loads(package.read_text())
     assert descriptor["profile"] == PROFILE_URL
@@ -125,7 +108,7 @@ def test_broken_tables_fail_validation(predictions, tmp_path):
     obs.write_text(obs.read_text().replace("m000001-0,cam1,m000001", "m000001-0,cam1,m999999", 1))
     media = package.parent / "media.csv"
     media.write_text(media.read_text().replace("2024-05-01T06:00:02", "yesterday", 1))
-    report = _frictionless(package.parent, tmp_path / "check")
+    report = frictionless_report(package.parent, tmp_path / "check")
     kinds = {e[0] for e in report.flatten(["type"])}
     assert not report.valid and {"foreign-key", "type-error"} <= kinds
 
@@ -139,7 +122,7 @@ def test_deployments_file_one_deployment_and_errors(predictions, tmp_path):
         "deploymentID,latitude,longitude,cameraModel,habitat\ncam1,51.5,4.7,Reconyx-HF2X,forest\ncam2,51.6,4.8,,\n"
     )
     package = write_package(out, tmp_path / "pkg", deployments=table)
-    assert _frictionless(package.parent, tmp_path / "check").valid
+    assert frictionless_report(package.parent, tmp_path / "check").valid
     rows = _rows(package.parent / "deployments.csv")
     assert (rows[0]["cameraModel"], rows[0]["habitat"], rows[1]["latitude"]) == ("Reconyx-HF2X", "forest", "51.6")
     assert json.loads(package.read_text())["spatial"]["type"] == "Polygon"
@@ -178,7 +161,7 @@ def test_recorded_capture_times_are_used(tmp_path):
     assert {d["timestampIssues"] for d in _rows(package.parent / "deployments.csv")} == {""}
     events = [o for o in _rows(package.parent / "observations.csv") if o["observationLevel"] == "event"]
     assert len(events) == 4  # a zero gap: each of the 4 frames with classified animals is an event of its own
-    assert _frictionless(package.parent, tmp_path / "check").valid
+    assert frictionless_report(package.parent, tmp_path / "check").valid
 
 
 def test_a_run_without_animals_still_makes_a_package(tmp_path):
@@ -186,7 +169,7 @@ def test_a_run_without_animals_still_makes_a_package(tmp_path):
     md = read_detections(detector_output)
     out = write_classified(tmp_path / "none.json", md, {}, Taxonomy(CLASS_NAMES), classifier="hierax:tiny")
     package = write_package(out, tmp_path / "pkg", latitude=52.1, longitude=5.2)
-    assert _frictionless(package.parent, tmp_path / "check").valid
+    assert frictionless_report(package.parent, tmp_path / "check").valid
     kinds = {o["observationType"] for o in _rows(package.parent / "observations.csv")}
     assert kinds == {"animal", "human", "vehicle", "blank"}  # unclassified animal boxes stay animals, unnamed
     assert json.loads(package.read_text())["taxonomic"] == []

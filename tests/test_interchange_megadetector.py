@@ -7,7 +7,6 @@ import datetime as dt
 import json
 
 import pytest
-from PIL import ImageFile
 
 from hierax.interchange.events import capture_times
 from hierax.interchange.megadetector import (
@@ -22,21 +21,12 @@ from hierax.interchange.megadetector import (
 )
 from hierax.interchange.results import answer
 
-from .interchange_support import CLASS_NAMES, classify_detections, make_camera_folder
+from .interchange_support import CLASS_NAMES, classify_detections, make_camera_folder, megadetector_validator
 
 
 @pytest.fixture(scope="module")
 def validator():
-    """MegaDetector's own validator. Importing megadetector sets Pillow's process-wide LOAD_TRUNCATED_IMAGES (its
-    visualization module does, on import), which would make truncated photos decode in every later test; the flag
-    is put back, so the import stays here rather than at the top."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = before
-    options = ValidateBatchResultsOptions()
-    options.check_image_existence = False
-    return lambda path: validate_batch_results(str(path), options)["validation_results"]
+    return megadetector_validator()
 
 
 def test_written_file_passes_megadetector_validator_and_round_trips(tmp_path, validator):

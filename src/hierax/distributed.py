@@ -65,6 +65,14 @@ class DistInfo:
         """The mean over ranks of `tensor`."""
         return self.all_reduce_sum(tensor) / self.world_size if self.enabled else tensor
 
+    def gather_objects(self, obj) -> list | None:
+        """Every rank's picklable `obj` on rank 0, in rank order (None on the other ranks); [obj] single-process."""
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        torch_dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()

@@ -1,4 +1,6 @@
-"""`hierax predict PATHS...`: species for every image, written in chunks to CSV / JSONL / Parquet or stdout."""
+"""`hierax predict PATHS...`: species for every image, written in chunks to CSV / JSONL / Parquet or stdout.
+`hierax predict ROOT --detections MD.json`: a species for every box of a MegaDetector file (camera traps);
+`--xmp`: XMP sidecars for photo libraries."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import csv
 import sys
 
 from hierax.cli._options import add_geo_options, add_model_options, geo_kwargs, model_kwargs, probability
+from hierax.errors import HieraxError
 
 COMMAND = "predict"
 HELP = "identify the species in images, folders, globs or path lists"
@@ -44,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_geo_options(parser)
     add_open_set_arguments(parser)
+    add_camera_trap_arguments(parser)
 
 
 def add_open_set_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +77,96 @@ def open_set_options(args: argparse.Namespace):
     return OpenSet.load(args.extra_species, only_extra=args.only_extra, threshold=args.unknown_threshold)
 
 
+DETECTION_ONLY = ("detection_threshold", "classify_categories", "crop", "event_gap")
+
+
+def add_camera_trap_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "camera traps and photo libraries" group: --detections and its options, --xmp."""
+    group = parser.add_argument_group("camera traps and photo libraries")
+    group.add_argument(
+        "--detections",
+        metavar="MD.json",
+        help="MegaDetector batch output for the images under ROOT (the one path given): classify every box; "
+        "-o x.json writes MegaDetector format, .csv/.jsonl/.parquet one row per box plus x.images.* and x.events.*",
+    )
+    group.add_argument(
+        "--detection-threshold",
+        type=float,
+        metavar="T",
+        help="classify boxes at or above T (default: the file's typical_detection_threshold, else 0.2)",
+    )
+    group.add_argument(
+        "--classify-categories",
+        metavar="NAMES",
+        help="detector categories to classify, comma-separated names or ids (animal); the others pass through",
+    )
+    group.add_argument(
+        "--crop",
+        metavar="SHAPE[:CONTEXT[:EDGE]]",
+        help="square or tight, context as a fraction of the box, pad or shift at the frame's edges (square:0.1:pad)",
+    )
+    group.add_argument(
+        "--event-gap", type=float, metavar="SECONDS", help="seconds without a frame that start a new event (60)"
+    )
+    group.add_argument(
+        "--xmp",
+        action="store_true",
+        help="write or update <photo>.xmp sidecars with species keywords (the photos are never touched)",
+    )
+
+
+def _print_rows(rows: list[dict]) -> None:
+    out = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+    out.writeheader()
+    out.writerows(rows)
+
+
+def _run_detections(args: argparse.Namespace, options: dict) -> int:
+    """`predict ROOT --detections MD.json`: hierax.inference.detections.predict_detections."""
+    if len(args.paths) != 1:
+        raise HieraxError("with --detections give one path: ROOT, the folder the detections file's paths start from")
+    categories = [c.strip() for c in (args.classify_categories or "animal").split(",") if c.strip()]
+    extra = {key: value for key in ("crop", "event_gap") if (value := getattr(args, key)) is not None}
+    # imported here: keeps hierax --help fast
+    from hierax.distributed import is_main_rank
+    from hierax.inference.detections import predict_detections
+
+    summary = predict_detections(
+        args.paths[0],
+        args.detections,
+        args.model,
+        output=args.output,
+        errors_output=args.errors_output,
+        threshold=args.detection_threshold,
+        categories=categories,
+        top_k=args.top_k,
+        resume=args.resume,
+        common_names=args.common_names,
+        rollup=args.rollup or args.thresholds is not None,
+        thresholds=args.thresholds,
+        species_list=args.species_list,
+        **geo_kwargs(args),
+        xmp=args.xmp,
+        **extra,
+        **options,
+    )
+    if args.output is None and summary.rows:
+        _print_rows(summary.rows)
+    if is_main_rank():
+        print(f"hierax predict: {summary.line()}", file=sys.stderr)
+    return 0 if summary.succeeded + summary.skipped > 0 or summary.failed == 0 else 1
+
+
 def run(args: argparse.Namespace) -> int:
     options = model_kwargs(args)
     open_set = open_set_options(args)
+    if args.detections is not None:
+        if open_set is not None:
+            raise HieraxError("--extra-species, --only-extra and --unknown-threshold do not work with --detections")
+        return _run_detections(args, options)
+    given = [f"--{name.replace('_', '-')}" for name in DETECTION_ONLY if getattr(args, name) is not None]
+    if given:
+        raise HieraxError(f"{', '.join(given)} only work with --detections MD.json")
     # imported here: keeps hierax --help fast
     from hierax.distributed import is_main_rank
     from hierax.inference.predict import predict
@@ -92,13 +183,12 @@ def run(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         species_list=args.species_list,
         open_set=open_set,
+        xmp=args.xmp,
         **geo_kwargs(args),
         **options,
     )
     if args.output is None and summary.rows:
-        out = csv.DictWriter(sys.stdout, fieldnames=list(summary.rows[0]))
-        out.writeheader()
-        out.writerows(summary.rows)
+        _print_rows(summary.rows)
     if is_main_rank():
         print(f"hierax predict: {summary.line()}", file=sys.stderr)
     return 0 if summary.succeeded + summary.skipped > 0 else 1

@@ -15,16 +15,23 @@ API:
     crop_frame(image, box, policy, fill) -> uint8 (3, h, w) crop of a decoded frame
     FrameBoxes(frame, path, boxes) (from hierax.data.boxes): one frame's selected boxes, `boxes` =
         ((detection index, (x, y, w, h)), ...) with MegaDetector's normalised [x_min, y_min, width, height]
-    CropDataset(frames, transform, policy=CropPolicy(), fill=(128, 128, 128)) -> torch Dataset, one item per frame:
+    CropDataset(frames, transform, policy=CropPolicy(), fill=(128, 128, 128), *, capture=False, overrides=None)
+        -> torch Dataset, one item per frame:
         {"index": int, "frame": int, "path": str, "crops": Tensor (n, ...) | None, "detections": list[int],
-         "error": str | None}; a frame that cannot be decoded gives crops=None and error=<reason>.
+         "error": str | None, "capture": dict | None}; a frame that cannot be decoded gives crops=None and
+        error=<reason>. A frame without boxes is not decoded (error "no such file" when it is missing).
+        With capture=True each frame's header is read once in the worker (`frame_capture`): "capture" =
+        {"time": EXIF capture time or None, "latitude", "longitude", "date"} (hierax.data.metadata's
+        capture_context with the run-wide `overrides`), for events and a location prior.
         `crop_offsets` numbers the crops 0..num_crops-1 in frame order; `locate(crop_ids)` maps them back to
         (frame, detection) arrays.
     collate_crops(samples) -> the batch dict `hierax.inference.predict.iter_predictions` reads (as
         collate_samples makes): {"images": (N, ...) | None, "labels": -1s (N,), "indices": crop ids (N,),
-        "paths": one per crop, "errors": [(frame, path, reason)]}, plus "frames" and "detections" (N,).
+        "paths": one per crop, "meta": one per crop ({"latitude", "longitude", "date"} of its frame, {} without
+        capture), "errors": [(frame, path, reason)]}, plus "frames" and "detections" (N,) and "captures":
+        [(frame, capture)] for every frame of the batch, those without crops included.
     make_crop_loader(dataset, batch_size=16, workers=None) -> DataLoader whose batches hold at most `batch_size`
-        crops (whole frames only; a frame with more boxes than that is a batch of its own).
+        crops and `batch_size` frames (whole frames only; a frame with more boxes than that is a batch of its own).
 
 Box pixel edges are rounded once and the window is placed from them with integer arithmetic, so a box around
 the same pixels gives the same crop tensor wherever it sits in a frame (with edge="pad", also at the edges).
@@ -44,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hierax.data.boxes import Box, FrameBoxes
 from hierax.data.datasets import PathTable
 from hierax.data.images import MAX_PIXELS, MIN_SIDE, decode_image
+from hierax.data.metadata import Overrides, capture_context, read_capture
 from hierax.errors import HieraxError, ImageDecodeError
 from hierax.transforms import normalize_stats
 
@@ -139,6 +147,13 @@ def fill_from_stats(rgb_stats: dict | None) -> tuple[int, int, int]:
     return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
 
 
+def frame_capture(path: str, overrides: Overrides | None = None) -> dict:
+    """What a frame's header says about when and where it was taken, with the run-wide overrides applied."""
+    capture = read_capture(path)
+    context = capture_context(capture=capture, overrides=overrides)
+    return {"time": capture.time, "latitude": context.latitude, "longitude": context.longitude, "date": context.date}
+
+
 class CropDataset(Dataset):
     """One item per frame: the frame is decoded once and every box's crop transformed (see the module docstring)."""
 
@@ -151,8 +166,12 @@ class CropDataset(Dataset):
         *,
         max_pixels: int = MAX_PIXELS,
         min_side: int = MIN_SIDE,
+        capture: bool = False,
+        overrides: Overrides | None = None,
     ) -> None:
         frames = list(frames)
+        self.capture = capture
+        self.overrides = overrides
         self.transform = transform
         self.policy = policy or CropPolicy()
         self.fill = tuple(int(v) for v in fill)
@@ -189,7 +208,12 @@ class CropDataset(Dataset):
             "crops": None,
             "detections": self._detection_of[start:end].tolist(),
             "error": None,
+            "capture": frame_capture(path, self.overrides) if self.capture else None,
         }
+        if start == end:
+            if not os.path.isfile(path):
+                sample["error"] = "no such file"
+            return sample
         try:
             image = decode_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
         except ImageDecodeError as err:
@@ -214,13 +238,16 @@ def collate_crops(samples: list[dict], offsets: np.ndarray | None = None) -> dic
 
     `offsets` are the dataset's crop_offsets (make_crop_loader passes them); crop ids are offsets[index] + j."""
     good = [s for s in samples if s["error"] is None and s["crops"] is not None]
-    ids, frames, detections, paths = [], [], [], []
+    ids, frames, detections, paths, meta = [], [], [], [], []
     for s in good:
+        n = len(s["detections"])
         start = int(offsets[s["index"]]) if offsets is not None else 0
-        ids.extend(range(start, start + len(s["detections"])))
-        frames.extend([s["frame"]] * len(s["detections"]))
+        ids.extend(range(start, start + n))
+        frames.extend([s["frame"]] * n)
         detections.extend(s["detections"])
-        paths.extend([s["path"]] * len(s["detections"]))
+        paths.extend([s["path"]] * n)
+        where = s.get("capture") or {}
+        meta.extend({k: where[k] for k in ("latitude", "longitude", "date") if k in where} for _ in range(n))
     return {
         "images": torch.cat([s["crops"] for s in good]) if good else None,
         "labels": torch.full((len(ids),), -1, dtype=torch.long),
@@ -228,19 +255,23 @@ def collate_crops(samples: list[dict], offsets: np.ndarray | None = None) -> dic
         "frames": torch.tensor(frames, dtype=torch.long),
         "detections": torch.tensor(detections, dtype=torch.long),
         "paths": paths,
+        "meta": meta,
         "errors": [(s["frame"], s["path"], s["error"]) for s in samples if s["error"] is not None],
+        "captures": [(s["frame"], s.get("capture")) for s in samples],
     }
 
 
 class CropBatchSampler(Sampler[list[int]]):
-    """Consecutive frames grouped so that each batch holds at most `max_crops` crops (at least one frame)."""
+    """Consecutive frames grouped so that each batch holds at most `max_crops` crops (at least one frame) and at
+    most `max_frames` frames (a run of frames without boxes still spreads over the workers)."""
 
-    def __init__(self, counts: Sequence[int], max_crops: int) -> None:
+    def __init__(self, counts: Sequence[int], max_crops: int, max_frames: int | None = None) -> None:
+        max_frames = max_crops if max_frames is None else max_frames
         self.batches: list[list[int]] = []
         current: list[int] = []
         total = 0
         for i, n in enumerate(counts):
-            if current and total + n > max_crops:
+            if current and (total + n > max_crops or len(current) >= max_frames):
                 self.batches.append(current)
                 current, total = [], 0
             current.append(i)
@@ -300,5 +331,6 @@ __all__ = [
     "crop_frame",
     "crop_window",
     "fill_from_stats",
+    "frame_capture",
     "make_crop_loader",
 ]

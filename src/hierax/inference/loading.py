@@ -49,6 +49,14 @@ def resolve_model(
     return load_pretrained_model(model, inference=True, device=default_device(device), new_size=size)
 
 
+def model_label(model: ModelSpec, info: ModelInfo) -> str:
+    """How outputs name the model: its registry name, its checkpoint's file name, or (loaded) its network."""
+    if isinstance(model, tuple):
+        return info.network
+    text = os.fspath(model)
+    return os.path.basename(text) if os.sep in text or os.path.exists(text) else text
+
+
 def make_loader(
     paths: Sequence[str] | Dataset,
     transform=None,

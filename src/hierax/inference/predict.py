@@ -29,15 +29,24 @@ import torch
 
 from hierax.data.metadata import Overrides
 from hierax.data.sources import find_image_rows
+from hierax.data.taxonomy import Taxonomy
 from hierax.distributed import close_distributed
 from hierax.errors import HieraxError
 from hierax.geo import GeoPrior
 from hierax.inference import formats, writers
 from hierax.inference.classification import check_stages, device_and_dtype
-from hierax.inference.loading import BatchResult, ModelSpec, iter_predictions, make_loader, resolve_model
+from hierax.inference.loading import (
+    BatchResult,
+    ModelSpec,
+    iter_predictions,
+    make_loader,
+    model_label,
+    resolve_model,
+)
 from hierax.inference.place import GeoStep, PlaceTally, load_geo_prior, prior_for_model
 from hierax.inference.rows import EmbeddingRows, OpenSetRule, PredictionRows
 from hierax.inference.sharding import Shards, join_ranks
+from hierax.interchange.xmp import SidecarWriter
 from hierax.sizes import check_size
 from hierax.transforms import classification_transform
 from hierax.weights.catalog import DEFAULT_MODEL
@@ -107,16 +116,19 @@ class _Job:
     features: Sequence[str] = ()
     capture: Overrides | None = None
     tally: PlaceTally | None = None
+    xmp: bool = False
 
 
 @dataclass
 class _Outputs:
-    """Where a rank's rows and failures go: files (chunked, published at the end) or memory."""
+    """Where a rank's rows and failures go: files (chunked, published at the end) or memory; with `sidecars`,
+    every row's photo also gets its XMP sidecar (one that cannot be written is a failure)."""
 
     writer: writers.RowWriter | None
     errors: writers.ErrorsWriter | None
     rows: list[dict] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    sidecars: SidecarWriter | None = None
 
     def add(self, result: BatchResult, rows: list[dict]) -> None:
         if self.writer:
@@ -124,6 +136,12 @@ class _Outputs:
         else:
             self.rows.extend(rows)
         failures = [(path, reason) for _, path, reason in result.errors]
+        if self.sidecars is not None:
+            failures += self.sidecars.write_rows(rows)
+        self.report(failures)
+
+    def report(self, failures: list[tuple[str, str]]) -> None:
+        """(path, reason) pairs to the errors file, or to the log and memory."""
         if self.errors:
             self.errors.write(failures)
         else:
@@ -133,6 +151,9 @@ class _Outputs:
 
     def finish(self, ok: bool) -> None:
         """Publish the files (ok), or keep what is finished for --resume."""
+        if self.sidecars is not None and self.sidecars.failed:
+            where = self.errors.path if self.errors else "the log above"
+            logger.warning("%d XMP sidecars could not be written: see %s", self.sidecars.failed, where)
         for out in (self.writer, self.errors):
             if out is not None and ok:
                 out.close()
@@ -220,6 +241,7 @@ def _run(
         outputs = _Outputs(
             writers.open_writer(my_output, columns, resume=resume, chunk_size=chunk_size) if my_output else None,
             writers.ErrorsWriter(my_errors) if my_errors else None,
+            sidecars=SidecarWriter(Taxonomy(info.class_names), model=model_label(model, info)) if job.xmp else None,
         )
         results = iter_predictions(
             net,
@@ -285,6 +307,7 @@ def predict(
     chunk_size: int = 256,
     progress: bool = True,
     backend: str = "torch",
+    xmp: bool = False,
 ) -> RunSummary:
     """Classify every image named by `sources`; rows go to `output` (.csv/.jsonl/.parquet) or summary.rows.
 
@@ -295,7 +318,8 @@ def predict(
     re-weights each image by its place and date; location (LAT, LON) and date (YYYY-MM-DD) override every
     image's own. open_set: species of the user's own and an unknown threshold
     (`hierax.similar.OpenSet.load(FILE, only_extra=..., threshold=...)`). backend: torch, onnxruntime or
-    torchscript (see hierax.weights.load.load_with_backend)."""
+    torchscript (see hierax.weights.load.load_with_backend). xmp: write or update each photo's XMP sidecar with its
+    answer (hierax.interchange.xmp); a sidecar that cannot be written goes to the errors file."""
     if top_k < 1:
         raise HieraxError("top_k must be at least 1")
     overrides = Overrides.from_args(location, date)
@@ -323,6 +347,7 @@ def predict(
         return_embedding=open_set is not None and open_set.needs_embeddings,
         capture=overrides if prior is not None else None,
         tally=PlaceTally() if prior is not None else None,
+        xmp=xmp,
     )
     run_options = dict(
         batch_size=batch_size, workers=workers, device=device, amp=amp, tta=tta, size=size, backend=backend

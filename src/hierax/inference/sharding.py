@@ -81,15 +81,17 @@ class Shards:
 
     def merge(self, columns: Sequence[str], order: Sequence[str], *, resume: bool) -> None:
         """Rank 0 merges every rank's part (and, on resume, the earlier output) into the output and the errors
-        file, in input `order`; the others wait for it."""
+        file, in input `order`; the others wait for it. Without an output (a job that writes its own files on
+        rank 0) only the errors files are merged."""
         if not self.sharded:
             return
         self.ddp.barrier()
         if self.is_main:
             ranks = range(self.ddp.world_size)
-            writers.merge_outputs(
-                [shard_name(self.output, r) for r in ranks], self.output, columns, order, resume=resume
-            )
+            if self.output is not None:
+                writers.merge_outputs(
+                    [shard_name(self.output, r) for r in ranks], self.output, columns, order, resume=resume
+                )
             if self.errors is not None:
                 writers.merge_errors([shard_name(self.errors, r) for r in ranks], self.errors, order)
         self.ddp.barrier()

@@ -265,6 +265,21 @@ def done_paths(path: str | os.PathLike) -> set[str]:
     return paths_in(path) if path.exists() else set()
 
 
+def done_rows(path: str | os.PathLike) -> list[Row]:
+    """Rows already written to `path` (its unfinished state when it has one, else the finished file), for a
+    --resume that needs more of them than their paths (CSV values come back as strings)."""
+    path = Path(path)
+    partial, parts = partial_path(path), parts_dir(path)
+    if partial.exists():
+        text = _complete_text(partial)
+        if suffix_of(path) == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line]
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    if parts.exists():
+        return [row for part in sorted(parts.glob("part-*.parquet")) for row in table_to_rows(pq.read_table(part))]
+    return read_rows(path) if path.exists() else []
+
+
 def open_writer(
     path: str | os.PathLike, columns: Sequence[str], *, resume: bool = False, chunk_size: int = 256
 ) -> RowWriter:

@@ -8,11 +8,12 @@ API:
         .classification_categories, .format_version
     Frame: index, file, detections (tuple of Detection, or None for a failed image), failure, is_video, capture
     Detection: index, category, conf, bbox (normalised x_min, y_min, width, height), classifications, rollup
-    select_detections(md, root, *, threshold=None, categories=("animal",)) -> list[FrameBoxes]
+    select_detections(md, root, *, threshold=None, categories=("animal",), keep_empty=False) -> list[FrameBoxes]
         Boxes at or above `threshold` (default: the file's info.detector_metadata.typical_detection_threshold,
         else 0.2) whose category (name or id) is to be classified; person and vehicle pass through untouched.
         Videos are passed through too (hierax classifies still images). Paths are `root` joined with
-        images[].file.
+        images[].file. keep_empty: also the still frames with nothing to classify (no boxes), whose capture
+        times events need.
     classified_document(md, results, taxonomy, *, failures=None, times=None, classifier, classifier_metadata=None)
         -> dict; write_classified(path, ...) writes it atomically. `results` maps (frame, detection) to a
         Classification. Every input image is kept with all its fields; each classified detection gets
@@ -292,6 +293,7 @@ def select_detections(
     *,
     threshold: float | None = None,
     categories: Iterable[str] = ("animal",),
+    keep_empty: bool = False,
 ) -> list[FrameBoxes]:
     """The frames with boxes to classify and those boxes (see the module docstring)."""
     threshold = default_threshold(md) if threshold is None else threshold
@@ -306,7 +308,7 @@ def select_detections(
             videos += 1
             continue
         boxes = tuple((d.index, d.bbox) for d in frame.detections if d.category in wanted and d.conf >= threshold)
-        if boxes:
+        if boxes or keep_empty:
             selected.append(FrameBoxes(frame.index, local_path(root, frame.file), boxes))
     if videos:
         logger.info("%s: %d videos passed through unclassified (hierax classifies still images)", md.source, videos)
@@ -314,7 +316,7 @@ def select_detections(
         "%s: %d boxes in %d of %d images to classify (threshold %.2f)",
         md.source,
         sum(len(f.boxes) for f in selected),
-        len(selected),
+        sum(1 for f in selected if f.boxes),
         len(md.frames),
         threshold,
     )

@@ -11,6 +11,9 @@ API:
         without one, the top class (rank 'species' for iNat21 names, '' for other class names).
         `lineage` runs from the kingdom down to `name` (just (name,) for non-taxonomic classes).
     answer(classification, taxonomy) -> Answer
+    answer_from_row(row, taxonomy=None) -> Answer: the same from one row of plain predict's output (typed values or
+        CSV strings): its roll-up columns when it has them, else label_1 / prob_1 with the row's taxonomy columns.
+        A sidecar written from the row then says what the table says.
     taxon_lineage(taxonomy, rank, name) -> tuple[str, ...]: kingdom .. name for a roll-up group.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +69,12 @@ def classify(
     """Classifications of a (N, C) probability batch: species list, top-k and roll-up as plain predict does."""
     probs = np.atleast_2d(np.asarray(probs, dtype=np.float32))
     if allowed is not None:
+        allowed = np.asarray(allowed, dtype=np.int64)
         probs = restrict(probs, allowed)
-    idx, vals = top_k(probs, min(k, probs.shape[1]))
+        idx, vals = top_k(probs[:, allowed], min(k, len(allowed)))  # only allowed classes, even at probability 0
+        idx = allowed[idx]
+    else:
+        idx, vals = top_k(probs, min(k, probs.shape[1]))
     rolled = taxonomy.rollup(probs, thresholds) if rollup else [None] * len(probs)
     return [
         Classification(tuple(int(i) for i in idx[r]), tuple(float(v) for v in vals[r]), rolled[r])
@@ -103,3 +111,33 @@ def answer(classification: Classification, taxonomy: Taxonomy) -> Answer:
         return Answer(name, "", classification.probs[0], common, (name,))
     lineage = tuple(taxon.at(r) for r in RANKS)
     return Answer(taxon.species, "species", classification.probs[0], common, lineage)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def answer_from_row(row: Mapping[str, Any], taxonomy: Taxonomy | None = None) -> Answer:
+    """What to call one row of plain predict's output (see the module docstring); `taxonomy` gives a roll-up
+    group's lineage when the group is not an ancestor of the row's top species."""
+    text = {key: "" if value is None else str(value) for key, value in row.items()}
+    if "rollup_rank" in text:
+        rank, name, probability = text["rollup_rank"], text.get("rollup_name", ""), _number(row.get("rollup_prob"))
+        if not rank or not name:
+            return Answer("", "", probability)
+        common = text.get("common_name", "") if rank == "species" and name == text.get("species") else ""
+        if rank in RANKS and text.get(rank) == name:
+            lineage = tuple(text[r] for r in RANKS[: RANKS.index(rank) + 1])
+        elif taxonomy is not None:
+            lineage = taxon_lineage(taxonomy, rank, name)
+        else:
+            lineage = (name,)
+        return Answer(name, rank, probability, common, lineage)
+    probability, common = _number(row.get("prob_1")), text.get("common_name", "")
+    if text.get("species"):
+        return Answer(text["species"], "species", probability, common, tuple(text.get(r, "") for r in RANKS))
+    label = text.get("label_1", "")
+    return Answer(label, "", probability, common, (label,) if label else ())

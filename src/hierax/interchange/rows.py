@@ -7,6 +7,8 @@ API:
         category (detector category name), detection_conf, bbox_x, bbox_y, bbox_width, bbox_height (normalised),
         label_i / prob_i (top-k), the top class's kingdom .. species and common_name (iNat21 classes), and
         rollup_rank / rollup_name / rollup_prob.
+    read_detection_rows(md, rows, taxonomy) -> {(frame, detection): Classification}: the classifications of
+        detection rows read back (CSV strings or typed values), e.g. those an interrupted run wrote, for --resume.
     summary_columns(md) / summary_rows(md, results, taxonomy, *, root, threshold=None, failures=None, events=None)
         path, file, status (ok, failed, video), one count column per detector category (`n_animal`, `n_person`,
         ... at or above the threshold), classified, species ("name:count;..." of the answers, most frequent
@@ -22,7 +24,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from hierax.data.taxonomy import RANKS, Taxonomy
+from hierax.data.taxonomy import RANKS, Rollup, Taxonomy
 from hierax.interchange.events import Event
 from hierax.interchange.megadetector import DetectionsFile, default_threshold, local_path
 from hierax.interchange.results import Classification, answer
@@ -95,6 +97,41 @@ def detection_rows(
                 row["rollup_prob"] = round(r.probability, 6) if r else None
             rows.append(row)
     return rows
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_detection_rows(
+    md: DetectionsFile, rows: Sequence[Mapping], taxonomy: Taxonomy
+) -> dict[tuple[int, int], Classification]:
+    """Classifications from detection rows (see the module docstring); rows of other files or classes are skipped."""
+    frame_of = {frame.file: frame.index for frame in reversed(md.frames)}
+    index_of = {name: i for i, name in enumerate(taxonomy.class_names)}
+    found = {}
+    for row in rows:
+        frame, detection = frame_of.get(str(row.get("file"))), _float(row.get("detection"))
+        indices, probs = [], []
+        for j in range(1, len(row)):
+            label, prob = row.get(f"label_{j}"), _float(row.get(f"prob_{j}"))
+            if label is None:
+                break
+            if label in index_of and prob is not None:
+                indices.append(index_of[label])
+                probs.append(prob)
+        if frame is None or detection is None or not indices:
+            continue
+        rolled = None
+        if "rollup_rank" in row:
+            rank, name = str(row.get("rollup_rank") or ""), str(row.get("rollup_name") or "")
+            common = taxonomy.common_name(indices[0]) if rank == "species" else ""
+            rolled = Rollup(rank, name, _float(row.get("rollup_prob")) or 0.0, common)
+        found[(frame, int(detection))] = Classification(tuple(indices), tuple(probs), rolled)
+    return found
 
 
 def _count_column(name: str) -> str:

@@ -19,6 +19,10 @@ API:
         answers (a roll-up that no rank passed) add no keyword.
     write_sidecar(photo, answers, *, model, run_time=None, style="auto") -> Path: update_xmp on the sidecar's
         current content, written atomically.
+    SidecarWriter(taxonomy=None, *, model, run_time=None, style="auto"): the sidecars of a whole run, one run time
+        for all. .write(photo, answers) and .write_rows(rows) (plain predict's rows, via answer_from_row) return
+        the (photo, reason) of sidecars that could not be written (a read-only folder, a broken sidecar), for the
+        errors file; they never raise SidecarError. .written and .failed count them.
 Sidecars are parsed with the standard library's expat-based ElementTree, which never loads external entities;
 documents with a DOCTYPE (which XMP never has, and which entity-expansion attacks need) are refused.
 """
@@ -30,12 +34,13 @@ import io
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from hierax.atomic import atomic_write
+from hierax.data.taxonomy import Taxonomy
 from hierax.errors import HieraxError
-from hierax.interchange.results import Answer
+from hierax.interchange.results import Answer, answer_from_row
 
 NS = {
     "x": "adobe:ns:meta/",
@@ -245,3 +250,38 @@ def write_sidecar(
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     except OSError as err:
         raise SidecarError(f"cannot write the sidecar {path}: {err.strerror or err}") from None
+
+
+class SidecarWriter:
+    """Sidecars for every photo of a run (see the module docstring)."""
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy | None = None,
+        *,
+        model: str,
+        run_time: dt.datetime | None = None,
+        style: str = "auto",
+    ) -> None:
+        if style not in STYLES:
+            raise HieraxError(f"unknown sidecar style '{style}': use {', '.join(STYLES)}")
+        self.taxonomy = taxonomy
+        self.model = model
+        self.run_time = run_time or dt.datetime.now().astimezone()
+        self.style = style
+        self.written = self.failed = 0
+
+    def write(self, photo: str | os.PathLike, answers: Sequence[Answer]) -> tuple[str, str] | None:
+        """Write one photo's sidecar; (photo, reason) when it could not be."""
+        try:
+            write_sidecar(photo, answers, model=self.model, run_time=self.run_time, style=self.style)
+        except SidecarError as err:
+            self.failed += 1
+            return os.fspath(photo), f"XMP sidecar not written: {err}"
+        self.written += 1
+        return None
+
+    def write_rows(self, rows: Iterable[Mapping]) -> list[tuple[str, str]]:
+        """One sidecar per row of plain predict's output (its `path`); the failures."""
+        failures = (self.write(row["path"], [answer_from_row(row, self.taxonomy)]) for row in rows)
+        return [f for f in failures if f is not None]
