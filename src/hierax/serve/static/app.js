@@ -282,7 +282,10 @@ function setUpKey() {
 
 function setUp() {
   const drop = $("drop");
-  $("file").addEventListener("change", (event) => pick(event.target.files));
+  $("file").addEventListener("change", (event) => {
+    pick(event.target.files);
+    event.target.value = "";  // choosing the same photo again (say, with another place) is a change again
+  });
   ["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (event) => {
     event.preventDefault();
     drop.classList.add("dragging");
