@@ -7,8 +7,13 @@ temporary checkpoint (or --model), then:
    server's resident memory before and after. Exits 1 on any unexpected answer.
 2. the scaling table: throughput at 1, 8 and 32 concurrent clients, with micro-batching (--max-batch) and
    without (--max-batch 1), as ratios against one request at a time (1 client, no batching).
+3. the open-network options: throughput at 8 clients with API keys, a rate limit no client reaches and JSON
+   access logs on, as a ratio against the same server without them.
+With --max-queue N the load run's server sheds load: 503 answers (with Retry-After) are counted as shed, with
+their own latency, instead of as errors.
 
     python benchmarks/serve_load.py                      # tiny network, CPU
+    python benchmarks/serve_load.py --max-queue 4        # a bounded queue under 32 clients
     python benchmarks/serve_load.py --network hieradet_d_small --size 384 --classes 10000 --device cuda
 """
 
@@ -61,7 +66,7 @@ def make_checkpoint(folder: Path, network: str, size: int, classes: int, tiny: b
 class Server:
     """`python -m hierax serve` in a subprocess, waited for until /healthz answers."""
 
-    def __init__(self, model: str, max_batch: int, device: str, max_wait_ms: float) -> None:
+    def __init__(self, model: str, max_batch: int, device: str, max_wait_ms: float, extra: list[str] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -79,6 +84,7 @@ class Server:
             str(max_wait_ms),
             "--device",
             device,
+            *extra,
         ]
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
@@ -111,9 +117,13 @@ class Server:
         self.log.close()
 
 
-async def drive(url: str, good: bytes, bad: bytes | None, requests: int, concurrency: int) -> dict:
-    """Send `requests` uploads from `concurrency` clients; latencies of the good ones and unexpected answers."""
+async def drive(
+    url: str, good: bytes, bad: bytes | None, requests: int, concurrency: int, headers: dict | None = None
+) -> dict:
+    """Send `requests` uploads from `concurrency` clients; latencies of the good ones, of the shed ones (503 with
+    Retry-After) and unexpected answers."""
     latencies: list[float] = []
+    shed: list[float] = []
     server_side: list[dict[str, float]] = []
     errors: list[str] = []
     counter = iter(range(requests))
@@ -125,12 +135,16 @@ async def drive(url: str, good: bytes, bad: bytes | None, requests: int, concurr
             body, expected = (bad, 422) if is_bad else (good, 200)
             start = time.perf_counter()
             try:
-                response = await http.post("/v1/classify", files={"file": ("photo.jpg", body, "image/jpeg")})
+                response = await http.post(
+                    "/v1/classify", files={"file": ("photo.jpg", body, "image/jpeg")}, headers=headers
+                )
                 status = response.status_code
             except httpx.HTTPError as err:
                 errors.append(f"{type(err).__name__}: {err}")
                 continue
-            if status != expected:
+            if status == 503 and response.headers.get("retry-after"):
+                shed.append(time.perf_counter() - start)
+            elif status != expected:
                 errors.append(f"HTTP {status} (expected {expected}): {response.text[:200]}")
             elif not is_bad:
                 latencies.append(time.perf_counter() - start)
@@ -144,11 +158,15 @@ async def drive(url: str, good: bytes, bad: bytes | None, requests: int, concurr
     lat = np.array(latencies) * 1000
     stages = {stage: np.array([t[stage] for t in server_side]) for stage in ("upload", "decode", "infer")}
     in_server = sum(stages.values())
+    shed_ms = np.array(shed) * 1000
     return {
         "requests": requests,
         "wall": wall,
         "throughput": requests / wall,
         "errors": errors,
+        "shed": len(shed),
+        "shed_p50": float(np.percentile(shed_ms, 50)) if len(shed) else float("nan"),
+        "shed_p95": float(np.percentile(shed_ms, 95)) if len(shed) else float("nan"),
         "p50": float(np.percentile(lat, 50)),
         "p95": float(np.percentile(lat, 95)),
         "server_p50": float(np.percentile(in_server, 50)),
@@ -172,6 +190,8 @@ def main() -> int:
     parser.add_argument("--extra-rounds", type=int, default=2, help="further load rounds to watch memory settle")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue", type=int, help="bound the load run's queue: 503s are counted as shed")
+    parser.add_argument("--options-requests", type=int, default=300, help="requests per run of the options ratio")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -187,7 +207,8 @@ def main() -> int:
             f"on {args.device}; {os.cpu_count()} CPUs"
         )
 
-        server = Server(model, args.max_batch, args.device, args.max_wait_ms)
+        queue = ["--max-queue", str(args.max_queue)] if args.max_queue else []
+        server = Server(model, args.max_batch, args.device, args.max_wait_ms, queue)
         try:
             asyncio.run(drive(server.url, good, bad, 40, 8))
             before = server.rss()
@@ -197,6 +218,7 @@ def main() -> int:
             for _ in range(args.extra_rounds):
                 extra = asyncio.run(drive(server.url, good, bad, args.requests, args.concurrency))
                 load["errors"] += extra["errors"]
+                load["shed"] += extra["shed"]
                 rounds.append(server.rss())
             health = httpx.get(f"{server.url}/healthz").json()
         finally:
@@ -206,6 +228,11 @@ def main() -> int:
             f"max-batch {args.max_batch}"
         )
         print(f"  unexpected answers: {len(load['errors'])}")
+        if args.max_queue:
+            print(
+                f"  --max-queue {args.max_queue}: {load['shed']} answers shed (503 + Retry-After) over all rounds; "
+                f"first round's shed answers p50 {load['shed_p50']:.1f} ms, p95 {load['shed_p95']:.1f} ms"
+            )
         for err in load["errors"][:5]:
             print(f"    {err}")
         print(
@@ -248,8 +275,40 @@ def main() -> int:
                     f"{c['throughput']:>9.1f} ({c['throughput'] / baseline:4.2f}x) p95 {c['p95']:5.0f}" for c in cells
                 )
             )
-        failures = len(load["errors"]) + sum(len(c["errors"]) for c in table.values())
+        overhead = options_ratio(model, args, good)
+        failures = len(load["errors"]) + sum(len(c["errors"]) for c in table.values()) + overhead
     return 1 if failures else 0
+
+
+def options_ratio(model: str, args: argparse.Namespace, good: bytes) -> int:
+    """Throughput at 8 clients with keys, an unreached rate limit and JSON logs, against none of them; errors."""
+    key = "benchmark-key-0123456789abcdef"
+    errors = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp) / "keys.txt"
+        keys.write_text(key + "\n")
+        runs = {}
+        for label, extra, headers in (
+            ("plain", [], None),
+            (
+                "keys+limit+json",
+                ["--api-keys", str(keys), "--rate-limit", "1000000/min", "--log-json"],
+                {"X-API-Key": key},
+            ),
+        ):
+            server = Server(model, args.max_batch, args.device, args.max_wait_ms, extra)
+            try:
+                asyncio.run(drive(server.url, good, None, 40, 8, headers))
+                runs[label] = asyncio.run(drive(server.url, good, None, args.options_requests, 8, headers))
+            finally:
+                server.stop()
+            errors += len(runs[label]["errors"])
+    plain, guarded = runs["plain"]["throughput"], runs["keys+limit+json"]["throughput"]
+    print(
+        f"\nopen-network options at 8 clients: {guarded:.1f} req/s with keys, rate limit and JSON logs against "
+        f"{plain:.1f} req/s without ({guarded / plain:.2f}x)"
+    )
+    return errors
 
 
 if __name__ == "__main__":

@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
 from hierax.weights.files import write_checkpoint
-from tests.serve_support import CLASS_NAMES, COMMON_NAMES, chelsea_jpeg, tiny_model
+from tests.serve_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CLASS_NAMES,
+    COMMON_NAMES,
+    LiveServer,
+    chelsea_jpeg,
+    tiny_model,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 MAX_UPLOAD_MB = 1
-
-
-@dataclass
-class Live:
-    url: str
-    port: int
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,49 +31,9 @@ def server(tmp_path_factory):
     checkpoint = write_checkpoint(root / "tiny-inat.safetensors", net, info)
     names = root / "common.json"
     names.write_text(json.dumps({str(k): v for k, v in COMMON_NAMES.items()}))
-    port = _free_port()
-    log = open(root / "server.log", "w+")
-    cmd = [
-        sys.executable,
-        "-m",
-        "hierax",
-        "serve",
-        "--model",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--max-upload-mb",
-        str(MAX_UPLOAD_MB),
-        "--common-names",
-        str(names),
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HIERAX_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"hierax serve exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("hierax serve did not answer /healthz within 120 s")
-            time.sleep(0.3)
-        yield Live(url, port, root / "server.log")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    args = ["--model", checkpoint, "--max-upload-mb", MAX_UPLOAD_MB, "--common-names", names]
+    with LiveServer.run(args, root / "server.log") as live:
+        yield live
 
 
 def _raw_request(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:

@@ -9,7 +9,7 @@ from hierax.sizes import add_size_option, size_from
 from hierax.weights.catalog import DEFAULT_MODEL
 
 COMMAND = "serve"
-HELP = "serve a model over HTTP: POST /v1/classify, /v1/embed, and a web page at /"
+HELP = "serve a model over HTTP: POST /v1/classify, /v1/embed, /v1/similar, and a web page at /"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--common-names", default=None, help="JSON of class index -> common name, or an iNat21 annotation file"
     )
+    _add_network_arguments(parser.add_argument_group("on an open network (all off by default)"))
+    _add_addon_arguments(parser.add_argument_group("what the answers add (all off by default)"))
+
+
+def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help="require an API key (Authorization: Bearer KEY or X-API-Key: KEY): one key, or sha256:<hex> of one, "
+        "per line, optionally followed by a label for logs; /healthz and the page stay open",
+    )
+    group.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (https://host[:port]) allowed to call the API; repeatable",
+    )
+    group.add_argument(
+        "--rate-limit", metavar="N/min", help="requests that run the model, per key (else per client address)"
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="most model requests in the service at once; the next gets 503 with Retry-After",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a model request that takes longer (upload included) gets 408 (upload) or 503",
+    )
+    group.add_argument(
+        "--log-json", action="store_true", help="one JSON access-log line per request on stdout (never keys or bodies)"
+    )
+
+
+def _add_addon_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--geo-prior",
+        metavar="PRIOR",
+        help="a location/date prior (hierax geoprior fit): /v1/classify takes lat, lon, date, else the photo's EXIF",
+    )
+    group.add_argument(
+        "--index", metavar="INDEX_DIR", help="a similar-photo index made with this model (hierax index): /v1/similar"
+    )
+    group.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="serve small re-encoded copies of indexed photos, by index id only (with --index)",
+    )
+    group.add_argument(
+        "--extra-species",
+        metavar="SPECIES",
+        help="species of your own (hierax fewshot fit), ranked with the model's",
+    )
+    group.add_argument("--only-extra", action="store_true", help="rank your species alone (with --extra-species)")
+    group.add_argument(
+        "--unknown-threshold",
+        type=float,
+        metavar="T",
+        help="a best probability below T answers 'unknown' (default with --extra-species: its calibrated one)",
+    )
+
+
+def _service_options(args: argparse.Namespace):
+    """The ServiceOptions of the network flags (reads the keys file)."""
+    from hierax.serve import KeyRing, RateLimit, ServiceOptions
+
+    return ServiceOptions(
+        api_keys=KeyRing.load(args.api_keys) if args.api_keys else None,
+        cors_origins=tuple(args.cors_origin),
+        rate_limit=RateLimit.parse(args.rate_limit) if args.rate_limit else None,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        log_json=args.log_json,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     size = size_from(args.size)
     # imported here: keeps hierax --help fast
     from hierax.serve import serve
+
+    options = _service_options(args)
 
     serve(
         args.model,
@@ -65,5 +145,12 @@ def run(args: argparse.Namespace) -> int:
         log_level="debug" if args.verbose else "info",
         name=args.name,
         size=size,
+        options=options,
+        geo_prior=args.geo_prior,
+        index=args.index,
+        thumbnails=args.thumbnails,
+        extra_species=args.extra_species,
+        only_extra=args.only_extra,
+        unknown_threshold=args.unknown_threshold,
     )
     return 0

@@ -1,10 +1,13 @@
 """The FastAPI service: `create_app(net, info)` serves one model over HTTP, with the web page at `/`.
 
-request -> read_image_upload (size limit while streaming) -> decode_image + classification_transform (worker
-threads) -> MicroBatcher -> infer_batch (one forward per batch, off the event loop) -> taxonomy -> JSON.
-Requests carry only image bytes: the service reads no server-side path they name, fetches nothing and
-unpickles nothing. Every error is a JSON body {"error": code, "detail": message} with a 4xx/5xx status.
-Answers carry a Server-Timing header (upload, decode, infer: queueing plus the batch's forward pass).
+request -> [ObserveMiddleware: metrics, access log] -> [CORS] -> [AccessMiddleware: keys, rate limit] ->
+admission (bounded queue) -> read_upload (size limit while streaming) -> decode_image + classification_transform
+(+ EXIF place with a prior; worker threads) -> MicroBatcher -> infer_batch and the prior (one forward per batch,
+off the event loop) -> the user's species, taxonomy, open set -> JSON.
+Requests carry only image bytes and small form fields: the service reads no server-side path they name, fetches
+nothing and unpickles nothing (thumbnails are of indexed photos only, by index id, when enabled). Every error is
+a JSON body {"error": code, "detail": message} with a 4xx/5xx status. Answers carry a Server-Timing header
+(upload, decode, infer: queueing plus the batch's forward pass).
 """
 
 from __future__ import annotations
@@ -17,31 +20,33 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 import anyio
-import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from hierax.data.images import MAX_PIXELS, decode_image
-from hierax.data.taxonomy import DEFAULT_THRESHOLDS, Taxonomy, top_k
+from hierax.data.images import MAX_PIXELS
+from hierax.data.metadata import CaptureContext
 from hierax.errors import ImageDecodeError
-from hierax.inference.classification import infer_batch
-from hierax.serve.batcher import MicroBatcher
+from hierax.serve.access import AccessMiddleware
+from hierax.serve.docs import ERRORS, UPLOAD_BODY, document_keys
+from hierax.serve.fields import request_place
+from hierax.serve.limits import Admission, TokenBuckets, retry_after
+from hierax.serve.model import Output, ServedModel, geo_context
+from hierax.serve.observe import ObserveMiddleware, ServiceMetrics
+from hierax.serve.options import Addons, ServiceOptions
 from hierax.serve.schemas import (
     ClassifyResponse,
     EmbedResponse,
-    ErrorBody,
     Health,
     ImageSize,
-    ModelCard,
     ModelsResponse,
-    Prediction,
-    Verdict,
+    SimilarResponse,
 )
-from hierax.serve.upload import ApiError, read_image_upload
-from hierax.transforms import classification_transform
+from hierax.serve.upload import ApiError, read_upload
 from hierax.weights.files import ModelInfo, require_classifier
 
 logger = logging.getLogger(__name__)
@@ -64,129 +69,15 @@ _STATUS_CODES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "bad_image",
+    429: "rate_limited",
     503: "unavailable",
 }
 _DECODE_STATUS = {"empty": 400}
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "one image: a multipart form with the field `file`, or the raw image bytes",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-_ERRORS = {
-    code: {"model": ErrorBody, "description": name.replace("_", " ")}
-    for code, name in (
-        (400, "empty or malformed upload"),
-        (413, "upload too large"),
-        (415, "not an image content type"),
-        (422, "not a decodable image"),
-    )
-}
 
 
 def _decode_error(err: ImageDecodeError) -> ApiError:
     code = "bad_image" if err.reason == "unreadable" else err.reason
     return ApiError(_DECODE_STATUS.get(err.reason, 422), code, str(err))
-
-
-class ServedModel:
-    """One model as the service runs it: preprocessing, a micro-batcher around infer_batch, and its labels."""
-
-    def __init__(
-        self,
-        name: str,
-        net: torch.nn.Module,
-        info: ModelInfo,
-        *,
-        max_batch: int = 8,
-        max_wait_ms: float = 5.0,
-        common_names: Mapping[int, str] | None = None,
-        thresholds: Mapping[str, float] | None = None,
-        max_pixels: int = MAX_PIXELS,
-    ) -> None:
-        self.name = name
-        self.net = net
-        self.info = info
-        self.max_pixels = max_pixels
-        self.transform = classification_transform(info.size, info.rgb_stats)
-        self.has_embedding = all(hasattr(net, attr) for attr in ("embedding", "classify"))
-        self.embedding_size = getattr(net, "embedding_size", None) if self.has_embedding else None
-        self.taxonomy = Taxonomy(info.class_names, common_names)
-        self.thresholds = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
-        if self.taxonomy.is_taxonomic:  # build the per-rank group tables now rather than on the first request
-            self.taxonomy.rollup(np.full(info.num_classes, 1.0 / info.num_classes), self.thresholds)
-        self.batcher: MicroBatcher[torch.Tensor, tuple[np.ndarray, np.ndarray | None]] = MicroBatcher(
-            self._forward, max_batch=max_batch, max_wait_ms=max_wait_ms, name=name
-        )
-
-    def _forward(self, items: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        probs, emb = infer_batch(self.net, torch.stack(items), return_embedding=self.has_embedding)
-        return [(probs[i], None if emb is None else emb[i]) for i in range(len(items))]
-
-    def preprocess(self, data: bytes) -> tuple[torch.Tensor, ImageSize]:
-        """Encoded bytes -> the model's normalised input and the decoded image size (runs in a worker thread)."""
-        image = decode_image(data, max_pixels=self.max_pixels)
-        return self.transform(image), ImageSize(width=image.shape[2], height=image.shape[1])
-
-    def warmup(self) -> None:
-        """Run one forward pass so the first request does not pay for lazy initialisation."""
-        h, w = self.info.size
-        self._forward([torch.zeros(3, h, w)])
-
-    def describe(self, probs: np.ndarray, k: int) -> tuple[list[Prediction], Verdict | None]:
-        """The top-k predictions with names and taxonomy, and the roll-up verdict for iNat21-named classes."""
-        indices, values = top_k(probs, k)
-        predictions = []
-        for index, p in zip(indices[0].tolist(), values[0].tolist(), strict=True):
-            taxon = self.taxonomy.taxon(index)
-            label = self.taxonomy.class_names[index]
-            predictions.append(
-                Prediction(
-                    index=index,
-                    label=label,
-                    probability=p,
-                    scientific_name=taxon.species if taxon else label,
-                    common_name=self.taxonomy.common_name(index) or None,
-                    taxonomy=taxon.as_dict() if taxon else {},
-                )
-            )
-        if not self.taxonomy.is_taxonomic:
-            return predictions, None
-        rollup = self.taxonomy.rollup(probs, self.thresholds)[0]
-        verdict = Verdict(
-            rank=rollup.rank or None,
-            name=rollup.name or None,
-            probability=rollup.probability,
-            common_name=rollup.common_name or None,
-            uncertain=rollup.rank != "species",
-            thresholds=self.thresholds,
-        )
-        return predictions, verdict
-
-    def card(self) -> ModelCard:
-        """What GET /v1/models says about this model."""
-        return ModelCard(
-            name=self.name,
-            network=self.info.network,
-            task=self.info.task,
-            num_classes=self.info.num_classes,
-            size=self.info.size,
-            rgb_stats=self.info.rgb_stats,
-            embedding_size=self.embedding_size,
-            version=self.info.version,
-            max_batch=self.batcher.max_batch,
-        )
 
 
 def _error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -210,6 +101,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(500, "internal", "internal server error; the details are in the server log")
 
 
+def _install_middleware(app: FastAPI, options: ServiceOptions, metrics: ServiceMetrics) -> None:
+    """Outermost first: metrics and access log (every request counts), CORS (preflights are answered before any
+    key is asked for, and refusals carry CORS headers so a browser app can read them), keys and rate limits."""
+    if options.api_keys is not None or options.rate_limit is not None:
+        buckets = None if options.rate_limit is None else TokenBuckets(options.rate_limit)
+        app.add_middleware(AccessMiddleware, keys=options.api_keys, buckets=buckets)
+    if options.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Retry-After", "Server-Timing"],
+        )
+    app.add_middleware(ObserveMiddleware, router=app.router, metrics=metrics, log_json=options.log_json)
+
+
 def create_app(
     net: torch.nn.Module,
     info: ModelInfo,
@@ -223,15 +131,24 @@ def create_app(
     thresholds: Mapping[str, float] | None = None,
     max_pixels: int = MAX_PIXELS,
     decode_threads: int | None = None,
+    options: ServiceOptions | None = None,
+    addons: Addons | None = None,
+    model_spec=None,
+    load_seconds: float | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `net` (eval mode, on its device) with the classes and preprocessing of `info`.
 
-    Endpoints: POST /v1/classify, POST /v1/embed, GET /v1/models, GET /healthz, the page at /, and the
-    OpenAPI schema at /openapi.json (docs at /docs). A backbone without a classifier is refused (HieraxError)."""
+    Endpoints: POST /v1/classify, /v1/embed, /v1/similar; GET /v1/models, /v1/thumbnails/{id}, /healthz,
+    /metrics, the page at /, and the OpenAPI schema at /openapi.json (docs at /docs). `options`: keys, CORS,
+    limits, logs; `addons`: prior, index, user species (checked against the model: ModelMismatchError).
+    `load_seconds`: how long loading the model took, for /metrics. A backbone without a classifier is refused."""
     require_classifier(info, "serve species predictions")
     net.eval()
+    options = options or ServiceOptions()
+    name = name or info.network
+    metrics = ServiceMetrics(name, info.network, info.num_classes)
     model = ServedModel(
-        name or info.network,
+        name,
         net,
         info,
         max_batch=max_batch,
@@ -239,7 +156,14 @@ def create_app(
         common_names=common_names,
         thresholds=thresholds,
         max_pixels=max_pixels,
+        addons=addons,
+        model_spec=model_spec,
+        on_batch=metrics.record_batch,
     )
+    admission = Admission(options.max_queue)
+    metrics.watch(lambda: admission.depth, lambda: model.batcher.pending)
+    if load_seconds is not None:
+        metrics.set_load_seconds(load_seconds)
     max_bytes = int(max_upload_mb * 2**20)
     default_k = top_k
     decode_limiter = anyio.CapacityLimiter(decode_threads or min(4, os.cpu_count() or 1))
@@ -260,65 +184,146 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.model = model
+    app.state.metrics = metrics
+    app.state.admission = admission
     _install_error_handlers(app)
+    _install_middleware(app, options, metrics)
+    if options.api_keys is not None:
+        document_keys(app)
 
-    async def run_model(request: Request, response: Response) -> tuple[np.ndarray, np.ndarray | None, ImageSize]:
-        start = time.perf_counter()
-        with model.batcher.expect():
-            data = await read_image_upload(request, max_bytes)
-            read = time.perf_counter()
-            try:
-                x, size = await anyio.to_thread.run_sync(model.preprocess, data, limiter=decode_limiter)
-            except ImageDecodeError as err:
-                raise _decode_error(err) from None
-            decoded = time.perf_counter()
-        probs, emb = await model.batcher.submit(x)
-        done = time.perf_counter()
+    # ---- one model request: admission (bounded queue), time-out, upload, decode, batch
+
+    def busy_for() -> str:
+        """Retry-After when busy: the batches ahead of a new request, at their mean duration."""
+        return retry_after((admission.depth / max_batch + 1) * model.batcher.stats.mean_seconds)
+
+    async def run_model(
+        request: Request, response: Response, place: tuple | None = None
+    ) -> tuple[Output, ImageSize, CaptureContext | None]:
+        if not admission.try_enter():
+            message = f"the server is busy ({admission.limit} requests in progress): retry in a moment"
+            raise ApiError(503, "overloaded", message, {"Retry-After": busy_for()})
+        stage = "upload"
+        try:
+            with anyio.fail_after(options.request_timeout):
+                start = time.perf_counter()
+                with model.batcher.expect():
+                    upload = await read_upload(request, max_bytes)
+                    row = None if place is None else request_place(*place, upload.fields)
+                    stage, read = "decode", time.perf_counter()
+                    try:
+                        job, size = await anyio.to_thread.run_sync(
+                            model.preprocess, upload.data, row, limiter=decode_limiter
+                        )
+                    except ImageDecodeError as err:
+                        raise _decode_error(err) from None
+                    stage, decoded = "infer", time.perf_counter()
+                out = await model.batcher.submit(job)
+                done = time.perf_counter()
+        except TimeoutError:
+            seconds = f"{options.request_timeout:g} s"
+            if stage == "upload":
+                raise ApiError(408, "request_timeout", f"the upload did not arrive within {seconds}") from None
+            message = f"no answer within {seconds}: the server is busy, retry in a moment"
+            raise ApiError(503, "timeout", message, {"Retry-After": busy_for()}) from None
+        finally:
+            admission.leave()
         response.headers["Server-Timing"] = ", ".join(
             f"{stage};dur={1000 * seconds:.2f}"
             for stage, seconds in (("upload", read - start), ("decode", decoded - read), ("infer", done - decoded))
         )
-        return probs, emb, size
+        return out, size, job.place
+
+    # ---- endpoints that run the model
 
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        responses=_ERRORS,
-        openapi_extra=_UPLOAD_BODY,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
         summary="Identify the species in one photo",
     )
     async def classify(
         request: Request,
         response: Response,
         top_k: int = Query(default_k, ge=1, le=MAX_TOP_K, description="how many classes"),
+        lat: float | None = Query(None, ge=-90, le=90, description="latitude (with --geo-prior); else EXIF GPS"),
+        lon: float | None = Query(None, ge=-180, le=180, description="longitude (with --geo-prior)"),
+        date: str | None = Query(None, description="YYYY-MM-DD (with --geo-prior); else EXIF DateTimeOriginal"),
     ) -> ClassifyResponse:
-        probs, _, size = await run_model(request, response)
-        predictions, verdict = model.describe(probs, top_k)
-        return ClassifyResponse(model=model.name, image=size, predictions=predictions, verdict=verdict)
+        out, size, place = await run_model(request, response, (lat, lon, date))
+        predictions, verdict, decision = model.describe(out, top_k)
+        geo = None if place is None else geo_context(place, out.prior_applied)
+        return ClassifyResponse(
+            model=model.name, image=size, predictions=predictions, verdict=verdict, geo=geo, decision=decision
+        )
 
     @app.post(
         "/v1/embed",
         response_model=EmbedResponse,
-        responses=_ERRORS,
-        openapi_extra=_UPLOAD_BODY,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
         summary="The embedding of one photo (LayerNorm, then the spatial mean of the last stage)",
     )
     async def embed(request: Request, response: Response) -> EmbedResponse:
         if not model.has_embedding:
             raise ApiError(501, "not_supported", f"model '{model.name}' does not expose embeddings")
-        _, emb, size = await run_model(request, response)
+        out, size, _ = await run_model(request, response)
+        emb = out.embedding
         return EmbedResponse(model=model.name, image=size, embedding_size=len(emb), embedding=emb.tolist())
+
+    @app.post(
+        "/v1/similar",
+        response_model=SimilarResponse,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
+        summary="The indexed photos most like one photo (with --index)",
+    )
+    async def similar(
+        request: Request, response: Response, k: int = Query(10, ge=1, le=MAX_TOP_K, description="how many photos")
+    ) -> SimilarResponse:
+        index = model.addons.index
+        if index is None:
+            raise ApiError(501, "not_enabled", "this server has no photo index: start it with --index INDEX_DIR")
+        out, size, _ = await run_model(request, response)
+        matches = await anyio.to_thread.run_sync(model.similar, out.embedding, k)
+        return SimilarResponse(model=model.name, image=size, index_size=len(index), matches=matches)
+
+    # ---- the index's photos, the service itself, the page
+
+    @app.get("/v1/thumbnails/{photo_id}", summary="A small copy of an indexed photo (with --index --thumbnails)")
+    async def thumbnail(photo_id: int = PathParam(ge=0, description="the photo's id in the index")) -> Response:
+        if not model.addons.thumbnails:
+            raise ApiError(501, "not_enabled", "this server serves no thumbnails: start it with --thumbnails")
+        count = len(model.addons.index)
+        if photo_id >= count:
+            raise ApiError(404, "not_found", f"no photo {photo_id}: the index holds {count} photos (0 to {count - 1})")
+        try:
+            data = await anyio.to_thread.run_sync(model.thumbnail, photo_id, limiter=decode_limiter)
+        except (ImageDecodeError, OSError) as err:
+            raise ApiError(404, "unreadable", f"indexed photo {photo_id} cannot be read now ({err})") from None
+        headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.get("/v1/models", response_model=ModelsResponse, summary="The served models and their info")
     async def models() -> ModelsResponse:
-        return ModelsResponse(models=[model.card()], max_upload_bytes=max_bytes)
+        return ModelsResponse(models=[model.card()], max_upload_bytes=max_bytes, features=model.features())
 
     @app.get("/healthz", response_model=Health, summary="Liveness, with batching counters")
     async def healthz() -> Health:
         stats = model.batcher.stats
         return Health(
-            status="ok", models=[model.name], batches=stats.batches, images=stats.items, mean_batch=stats.mean_batch
+            status="ok",
+            models=[model.name],
+            batches=stats.batches,
+            images=stats.items,
+            mean_batch=stats.mean_batch,
+            queue_depth=admission.depth,
         )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_page() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     for path, (body, media) in pages.items():
         app.add_api_route(path, _page(body, media), methods=["GET"], include_in_schema=False)

@@ -26,27 +26,41 @@ R = TypeVar("R")
 
 @dataclass
 class BatcherStats:
-    """Counters for monitoring: how many batches ran, how many items they held, and the largest one."""
+    """Counters for monitoring: how many batches ran, how many items they held, the largest one, and the seconds
+    the batch function took in all."""
 
     batches: int = 0
     items: int = 0
     largest: int = 0
     failures: int = 0
+    seconds: float = 0.0
 
     @property
     def mean_batch(self) -> float:
         """Average number of items per batch (0 before the first batch)."""
         return self.items / self.batches if self.batches else 0.0
 
+    @property
+    def mean_seconds(self) -> float:
+        """Average seconds per batch (0 before the first batch)."""
+        return self.seconds / self.batches if self.batches else 0.0
+
 
 class MicroBatcher(Generic[T, R]):
     """Gathers items submitted concurrently and runs `fn(items) -> results` (same length, same order) on them.
 
     Bound to the event loop of its first `submit`; a later loop (as in tests that start one per request)
-    transparently gets a fresh worker. `fn` always runs in the same single thread, one batch at a time."""
+    transparently gets a fresh worker. `fn` always runs in the same single thread, one batch at a time.
+    `on_batch(size, seconds)` is called on the event loop after each batch that ran."""
 
     def __init__(
-        self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 8, max_wait_ms: float = 5.0, name: str = ""
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        name: str = "",
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -56,6 +70,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.name = name
+        self.on_batch = on_batch
         self.stats = BatcherStats()
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,6 +135,7 @@ class MicroBatcher(Generic[T, R]):
             batch = [(item, future) for item, future in batch if not future.done()]
             if not batch:
                 continue
+            start = loop.time()
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
                 if len(results) != len(batch):
@@ -132,9 +148,13 @@ class MicroBatcher(Generic[T, R]):
                 logger.exception("batch of %d failed", len(batch))
                 _fail(batch, err)
                 continue
+            seconds = loop.time() - start
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
+            self.stats.seconds += seconds
+            if self.on_batch is not None:
+                self.on_batch(len(batch), seconds)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -28,6 +28,9 @@ class Prediction(BaseModel):
     scientific_name: str
     common_name: str | None = None
     taxonomy: Lineage
+    extra: bool = Field(
+        False, description="one of the user's own species (--extra-species); its index counts on from the model's"
+    )
 
 
 class Verdict(BaseModel):
@@ -46,11 +49,51 @@ class ImageSize(BaseModel):
     height: int
 
 
+class GeoContext(BaseModel):
+    """Where and when the photo was taken as the location prior used it (--geo-prior)."""
+
+    applied: bool = Field(description="true when the prior re-weighted the predictions (it needs a location)")
+    latitude: float | None = None
+    longitude: float | None = None
+    date: str | None = Field(None, description="YYYY-MM-DD")
+    location_source: str | None = Field(None, description="'request' (lat, lon) or 'exif' (the photo's GPS)")
+    date_source: str | None = Field(None, description="'request' (date) or 'exif' (DateTimeOriginal)")
+    warnings: list[str] = Field(default_factory=list, description="unusable values that were skipped")
+
+
+class Decision(BaseModel):
+    """The open-set answer (with an unknown threshold): the best name, or "unknown" when it is too unlikely."""
+
+    name: str
+    probability: float
+    unknown: bool
+    threshold: float
+
+
 class ClassifyResponse(BaseModel):
     model: str
     image: ImageSize
     predictions: list[Prediction]
     verdict: Verdict | None = None
+    geo: GeoContext | None = Field(None, description="present when the service runs a location prior")
+    decision: Decision | None = Field(None, description="present when an unknown threshold is in force")
+
+
+class SimilarMatch(BaseModel):
+    """One indexed photo like the upload."""
+
+    rank: int
+    id: int = Field(description="the photo's position in the index")
+    path: str
+    similarity: float = Field(description="cosine similarity of the embeddings, in [-1, 1]")
+    thumbnail: str | None = Field(None, description="URL of a small copy (when the service serves thumbnails)")
+
+
+class SimilarResponse(BaseModel):
+    model: str
+    image: ImageSize
+    index_size: int
+    matches: list[SimilarMatch]
 
 
 class EmbedResponse(BaseModel):
@@ -72,9 +115,21 @@ class ModelCard(BaseModel):
     max_batch: int
 
 
+class Features(BaseModel):
+    """What this service adds to the model's own answer."""
+
+    geo_prior: bool = False
+    similar_index: int | None = Field(None, description="photos in the similar-photo index (null: no index)")
+    thumbnails: bool = False
+    extra_species: list[str] = Field(default_factory=list, description="the user's own species")
+    only_extra: bool = False
+    unknown_threshold: float | None = None
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelCard]
     max_upload_bytes: int
+    features: Features = Field(default_factory=Features)
 
 
 class Health(BaseModel):
@@ -83,6 +138,7 @@ class Health(BaseModel):
     batches: int
     images: int
     mean_batch: float
+    queue_depth: int = Field(0, description="model requests inside the service now")
 
 
 class ErrorBody(BaseModel):

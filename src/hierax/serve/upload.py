@@ -1,11 +1,15 @@
 """Read one uploaded image from a request body, enforcing the size limit while the body streams in.
 
-Accepted: `multipart/form-data` (the first file part, usually the field `file`), or a raw body typed `image/*`
-or `application/octet-stream` (or untyped). The body is never read past the limit: a declared Content-Length
-over it is refused before reading, and a stream that grows past it is cut off at that point.
+Accepted: `multipart/form-data` (the first file part, usually the field `file`, and small text fields such as
+`lat`, `lon`, `date`), or a raw body typed `image/*` or `application/octet-stream` (or untyped). The body is
+never read past the limit: a declared Content-Length over it is refused before reading, and a stream that grows
+past it is cut off at that point.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fastapi import HTTPException, Request
 from python_multipart.exceptions import FormParserError
@@ -14,6 +18,7 @@ from starlette.requests import ClientDisconnect
 
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FORM_PARTS = 16
+MAX_FIELD_BYTES = 1024
 _RAW_TYPES = frozenset({b"", b"application/octet-stream"})
 _FILE_FIELDS = frozenset({b"file", b"image", b"photo"})
 
@@ -21,9 +26,17 @@ _FILE_FIELDS = frozenset({b"file", b"image", b"photo"})
 class ApiError(HTTPException):
     """An HTTP error with a short machine-readable `code` next to its human-readable message."""
 
-    def __init__(self, status_code: int, code: str, message: str) -> None:
-        super().__init__(status_code=status_code, detail=message)
+    def __init__(self, status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=dict(headers) if headers else None)
         self.code = code
+
+
+@dataclass
+class Upload:
+    """An upload: the encoded image and the form's text fields (name -> value; empty for a raw body)."""
+
+    data: bytes
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -46,6 +59,12 @@ def _declared_length(request: Request) -> int | None:
 
 async def read_image_upload(request: Request, max_bytes: int) -> bytes:
     """The encoded image bytes of a request; ApiError 400/413/415 when there is none, it is too big or mistyped."""
+    return (await read_upload(request, max_bytes)).data
+
+
+async def read_upload(request: Request, max_bytes: int) -> Upload:
+    """The image and text fields of a request; ApiError 400/413/415 when there is no image, it is too big or
+    mistyped, or a text field is longer than MAX_FIELD_BYTES."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if not (ctype == b"multipart/form-data" or _is_image_type(ctype)):
         raise ApiError(
@@ -56,14 +75,14 @@ async def read_image_upload(request: Request, max_bytes: int) -> bytes:
         )
     try:
         if ctype == b"multipart/form-data":
-            data = await _read_multipart(request, params.get(b"boundary"), max_bytes)
+            upload = await _read_multipart(request, params.get(b"boundary"), max_bytes)
         else:
-            data = await _read_raw(request, max_bytes)
+            upload = Upload(await _read_raw(request, max_bytes))
     except ClientDisconnect:
         raise ApiError(400, "disconnected", "the client closed the connection during the upload") from None
-    if not data:
+    if not upload.data:
         raise ApiError(400, "empty", "empty upload: the image has 0 bytes")
-    return data
+    return upload
 
 
 async def _read_raw(request: Request, max_bytes: int) -> bytes:
@@ -79,7 +98,8 @@ async def _read_raw(request: Request, max_bytes: int) -> bytes:
 
 
 class _FirstFilePart:
-    """Callbacks for python-multipart that keep the data of the first file part and drop everything else."""
+    """Callbacks for python-multipart that keep the data of the first file part and the text fields, and drop
+    everything else."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -88,6 +108,9 @@ class _FirstFilePart:
         self.capturing = False
         self.content_type = b""
         self.data = bytearray()
+        self.fields: dict[str, str] = {}
+        self._text: bytearray | None = None
+        self._text_name = ""
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
         self._value = bytearray()
@@ -115,10 +138,12 @@ class _FirstFilePart:
         self._value.clear()
 
     def on_headers_finished(self) -> None:
-        if self.found:
-            return
         _, disposition = parse_options_header(self._headers.get(b"content-disposition", b"").decode("latin-1"))
-        if b"filename" not in disposition and disposition.get(b"name") not in _FILE_FIELDS:
+        is_file = b"filename" in disposition or disposition.get(b"name") in _FILE_FIELDS
+        if not is_file and disposition.get(b"name"):
+            self._text, self._text_name = bytearray(), disposition[b"name"].decode("utf-8", "replace")
+            return
+        if self.found or not is_file:
             return
         part_type, _ = parse_options_header(self._headers.get(b"content-type", b"").decode("latin-1"))
         if not _is_image_type(part_type):
@@ -132,16 +157,23 @@ class _FirstFilePart:
         self.content_type = part_type
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._text is not None:
+            self._text += data[start:end]
+            if len(self._text) > MAX_FIELD_BYTES:
+                raise ApiError(400, "bad_request", f"form field '{self._text_name}' is over {MAX_FIELD_BYTES} bytes")
         if self.capturing:
             self.data += data[start:end]
             if len(self.data) > self.max_bytes:
                 raise _too_large(self.max_bytes)
 
     def on_part_end(self) -> None:
+        if self._text is not None:
+            self.fields.setdefault(self._text_name, self._text.decode("utf-8", "replace"))
+            self._text = None
         self.capturing = False
 
 
-async def _read_multipart(request: Request, boundary: bytes | None, max_bytes: int) -> bytes:
+async def _read_multipart(request: Request, boundary: bytes | None, max_bytes: int) -> Upload:
     if not boundary:
         raise ApiError(400, "bad_request", "multipart/form-data without a boundary parameter")
     limit = max_bytes + MULTIPART_OVERHEAD
@@ -162,4 +194,4 @@ async def _read_multipart(request: Request, boundary: bytes | None, max_bytes: i
         raise ApiError(400, "bad_request", f"malformed multipart body: {err}") from None
     if not collector.found:
         raise ApiError(400, "no_file", "the form has no file: send the image in a field named 'file'")
-    return bytes(collector.data)
+    return Upload(bytes(collector.data), collector.fields)
