@@ -74,6 +74,18 @@ def test_every_mode_becomes_rgb(net, transform, mode):
     assert probs.shape == (1, 6) and np.isfinite(probs).all()
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA"])
+def test_the_transform_alone_takes_every_mode_as_infer_image_does(net, transform, mode):
+    """The model card's `transform(Image.open(path))` on a PNG with alpha (or grey, palette, CMYK) gives the
+    tensor infer_image uses for the same image."""
+    converted = Image.fromarray(data.chelsea()).convert(mode)
+    x = transform(converted)
+    assert x.shape[0] == 3
+    assert torch.allclose(x, transform(converted.convert("RGB")))
+    direct = infer_batch(net, x.unsqueeze(0))[0]
+    assert np.allclose(direct, infer_image(net, converted, transform)[0], atol=1e-5)
+
+
 def test_exif_orientation_applied(tmp_path, net, transform):
     img = Image.fromarray(data.astronaut()[:, :400])
     exif = Image.Exif()

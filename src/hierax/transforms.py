@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+
+from hierax.data.images import to_rgb
 
 DEFAULT_RGB_STATS: dict[str, list[float]] = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
 
@@ -31,13 +34,19 @@ def normalize_stats(rgb_stats: dict | None) -> dict[str, list[float]]:
     return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
 
 
+def _rgb_if_pil(image):
+    """A PIL image not in RGB mode as RGB (as `infer_image` reads it); anything else as it is."""
+    return to_rgb(image) if isinstance(image, Image.Image) and image.mode != "RGB" else image
+
+
 def classification_transform(
     size: tuple[int, int] | int,
     rgb_stats: dict | None = None,
     center_crop: float = 1.0,
     simple_crop: bool = False,
 ) -> Callable:
-    """PIL image or uint8 (3, H, W) tensor -> normalised float32 (3, H, W) tensor of `size`.
+    """PIL image (any mode: RGBA, P, L, CMYK, ... become RGB) or uint8 (3, H, W) tensor -> normalised float32
+    (3, H, W) tensor of `size`.
 
     With center_crop < 1 the image is first resized to size / center_crop, then center-cropped to size.
     simple_crop keeps the aspect ratio: the shorter side is resized to min(size) / center_crop first."""
@@ -50,6 +59,7 @@ def classification_transform(
     resize_to: int | tuple[int, int] = min(base) if simple_crop else base
     return v2.Compose(
         [
+            v2.Lambda(_rgb_if_pil),
             v2.Resize(resize_to, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(size),
             v2.ToImage(),

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from hierax.data.taxonomy import load_common_names
 from hierax.distributed import default_device
 from hierax.serve.access import KeyRing
 from hierax.serve.app import create_app
@@ -17,6 +18,7 @@ from hierax.serve.model import ServedModel
 from hierax.serve.observe import access_logger
 from hierax.serve.options import Addons, ServiceOptions, check_addon_flags
 from hierax.weights.catalog import DEFAULT_MODEL
+from hierax.weights.load import load_pretrained_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,7 @@ def serve(
     the rest name the files of the optional parts (see Addons).
 
     At most MAX_CONNECTIONS connections are handled at once; beyond that uvicorn answers 503."""
-    import uvicorn
-
-    from hierax.data.taxonomy import load_common_names
-    from hierax.weights.load import load_pretrained_model
+    import uvicorn  # imported here: the app (create_app) runs under any ASGI server
 
     options = options or ServiceOptions()
     check_addon_flags(extra_species, only_extra, index, thumbnails, unknown_threshold)
