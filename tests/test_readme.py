@@ -209,6 +209,7 @@ def run_curl(tokens: list[str], readme_port: str, port: str, cwd: Path) -> dict:
     return post_file(tokens[-1], upload.removeprefix("file=@"))
 
 
+@pytest.mark.slow  # about 50 s on 2 idle cores (training 2 epochs, an ONNX export), 95-105 s on a busy machine
 def test_offline_start_runs_as_written(tmp_path):
     if not (STAMPS / "animals").is_dir():
         pytest.skip("Tux Paint stamps are not installed (apt-get install tuxpaint-stamps-default)")
