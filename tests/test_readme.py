@@ -179,16 +179,29 @@ def start_server(argv: list[str], cwd: Path, env: dict, log) -> tuple[subprocess
     port = str(free_port())
     argv[argv.index("--port") + 1] = port
     proc = subprocess.Popen([sys.executable, "-m", "hierax", *argv], cwd=cwd, env=env, stdout=log, stderr=log)
+    return proc, shown, port
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: str, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"hierax serve exited {proc.returncode}"
+        assert proc.poll() is None, f"hierax serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc, shown, port
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    pytest.fail(f"hierax serve answered no /healthz within {SERVER_START_S} s")
+    pytest.fail(f"hierax serve answered no /healthz within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def post_file(url: str, path: str) -> dict:
@@ -219,13 +232,15 @@ def test_offline_start_runs_as_written(tmp_path):
     work.mkdir()
     classes = {p.name for p in (STAMPS / "animals").iterdir() if p.is_dir()}
     server, ports, answers, served = None, None, [], ""
-    with open(tmp_path / "serve.log", "w") as log:
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
         try:
             for tokens in commands:
                 argv = hierax_argv(tokens)
                 if argv is not None and tokens[-1] == "&":
                     assert argv[0] == "serve", "only `hierax serve` runs in the background"
                     server, *ports = start_server(argv, work, env, log)
+                    wait_until_healthy(server, ports[1], log_path)
                     served = Path(option(argv, "--model")).parent.name  # a run's model.pt is served by its folder
                 elif argv is not None:
                     run_hierax(argv, work, env)
@@ -235,8 +250,7 @@ def test_offline_start_runs_as_written(tmp_path):
                     answers.append(run_curl(tokens, *ports, work))
         finally:
             if server is not None:
-                server.terminate()
-                server.wait(timeout=30)
+                stop(server)
     assert server is not None and answers, "the offline start serves the model and asks it about a photo"
     for answer in answers:
         assert answer["model"] == served
