@@ -160,8 +160,8 @@ class SupervisedStage(Stage):
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
         flips = options.hflip if options.hflip is not None else strength > 0
         logger.info(
-            "fine-tuning %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, flips %s, "
-            "mixed batches: %.0f%%",
+            "%s %s on %d images, %d classes, at %dx%d; augmentation strength %.2f, flips %s, mixed batches: %.0f%%",
+            "fine-tuning" if options.init_from else "training from scratch",
             self.network,
             len(train),
             len(self.class_to_idx),
