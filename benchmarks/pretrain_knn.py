@@ -57,12 +57,10 @@ def write_digits(folder: Path, size: int, held_out: int, seed: int) -> tuple[Pat
 
 
 def child(args: argparse.Namespace) -> None:
-    """One run, then the k-NN of every backbone; writes result.json in the run folder."""
+    """One run, then the k-NN of every backbone (`evaluate`); writes result.json in the run folder."""
     import torch
 
-    from hierax.training.dino_monitor import KnnProbe, embed_images, knn_top1
-    from hierax.training.dino_v2 import BEST_FILE, DinoConfig, build_student, pretrain
-    from hierax.weights.load import load_pretrained_model
+    from hierax.training.dino_v2 import DinoConfig, pretrain
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -73,33 +71,49 @@ def child(args: argparse.Namespace) -> None:
         train, NETWORK, run, size=args.size, epochs=args.run_epochs, batch_size=args.batch_size, config=config,
         seed=args.seed, log_every=1,
     )  # fmt: skip
-    wall = time.perf_counter() - tick
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-
-    probe = KnnProbe(str(probe_dir), (args.size, args.size))
-
-    def scores(backbone) -> dict[str, float]:
-        feats = embed_images(backbone, probe.dataset)
-        return {f"k{k}": knn_top1(feats, probe.labels, k=k) for k in (10, 20)}
-
-    knn = {}
-    for seed in (args.seed, args.seed + 1, args.seed + 2):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # as DinoV2Stage builds the starting weights
-            knn[f"random seed {seed}"] = scores(build_student(NETWORK, config).backbone)
-    for name in ("model.pt", BEST_FILE):
-        knn[name] = scores(load_pretrained_model(run / name, progress=False)[0])
-    train_rows = [r for r in history if r["split"] == "train"]
     result = {
         "epochs": args.run_epochs,
-        "steps": train_rows[-1]["step"],
-        "wall_s": wall,
-        "peak_rss": peak,
-        "workers_peak_rss": workers_peak,
-        "knn": knn,
+        "steps": [r for r in history if r["split"] == "train"][-1]["step"],
+        "wall_s": time.perf_counter() - tick,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "workers_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
     (run / "result.json").write_text(json.dumps(result, indent=1))
+    evaluate(run, Path(args.data), args.size, args.seed)
+
+
+def evaluate(run: Path, data: Path, size: int, seed: int) -> None:
+    """Add the k-NN of the random-init, last and best backbones to the run's result.json: leave-one-out on the
+    held-out scans with k = 10 and 20 ("k10", "k20"), and 10-NN of the held-out scans against the training scans
+    with their labels as the bank ("bank10", the labels are used by this probe only)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from hierax.data.datasets import ImageDataset
+    from hierax.training.dino_monitor import KnnProbe, embed_images, knn_top1
+    from hierax.training.dino_v2 import BEST_FILE, DinoConfig, build_student
+    from hierax.transforms import classification_transform
+    from hierax.weights.load import load_pretrained_model
+
+    probe = KnnProbe(str(data / "labelled"), (size, size))
+    train_paths = sorted(str(p) for p in (data / "unlabelled").iterdir())
+    train_labels = torch.from_numpy(load_digits().target[[int(Path(p).stem) for p in train_paths]])
+    train = ImageDataset(train_paths, transform=classification_transform((size, size)))
+
+    def scores(backbone) -> dict[str, float]:
+        feats, bank = embed_images(backbone, probe.dataset), embed_images(backbone, train)
+        found = {f"k{k}": knn_top1(feats, probe.labels, k=k) for k in (10, 20)}
+        return {**found, "bank10": knn_top1(bank, train_labels, feats, probe.labels, k=10)}
+
+    knn = {}
+    for s in (seed, seed + 1, seed + 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)  # as DinoV2Stage builds the starting weights
+            knn[f"random seed {s}"] = scores(build_student(NETWORK, DinoConfig()).backbone)
+    for name in ("model.pt", BEST_FILE):
+        knn[name] = scores(load_pretrained_model(run / name, progress=False)[0])
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**result, "knn": knn}, indent=1))
 
 
 def trajectory(run: Path) -> list[dict]:
@@ -147,7 +161,8 @@ def summary(out: Path, batch_size: int) -> None:
     """Print the k-NN table of every run in `out` and each run's probes along the way (markdown)."""
     runs = sorted((p for p in out.glob("epochs-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     print(
-        "| epochs | steps | random init 10-NN (seeds 0/1/2) | step 0 | model.pt | model-best.pt | s/step | peak RSS |"
+        "| epochs | steps | random init, seeds 0/1/2: LOO 10-NN; bank 10-NN | step 0 (random, seed 0) | model.pt "
+        "| model-best.pt | s/step | peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
@@ -163,14 +178,18 @@ def summary(out: Path, batch_size: int) -> None:
         r = json.loads(path.read_text())
         knn = r["knn"]
         rand = [v for k, v in knn.items() if k.startswith("random")]
-        cell = lambda v: f"{v['k10']:.3f} ({v['k20']:.3f})"  # noqa: E731
+        cell = lambda v: f"{v['k10']:.3f} / {v['k20']:.3f} / {v.get('bank10', float('nan')):.3f}"  # noqa: E731
         randoms = " / ".join(f"{v['k10']:.3f}" for v in rand)
+        banks = " / ".join(f"{v.get('bank10', float('nan')):.3f}" for v in rand)
         print(
-            f"| {r['epochs']} | {r['steps']} | {randoms} ({rand[0]['k20']:.3f}) "
+            f"| {r['epochs']} | {r['steps']} | {randoms}; {banks} "
             f"| {cell(rand[0])} | {cell(knn['model.pt'])} | {cell(knn['model-best.pt'])} | {spent:.2f} "
             f"| {r['peak_rss'] / 2**30:.2f} GB (+ workers {r['workers_peak_rss'] / 2**30:.2f}) |"
         )
-    print("\n(10-NN, with the run's own 20-NN probe rule in brackets; leave-one-out on the 360 held-out scans)")
+    print(
+        "\n(cells: leave-one-out 10-NN / leave-one-out 20-NN (the run's own probe) on the 360 held-out scans / 10-NN "
+        "of the held-out scans against the 1,437 training scans with their labels)"
+    )
     for run in runs:
         print(f"\n{run.name}: the run's 20-NN probes (teacher, student), teacher entropy (of ln 65536 = 11.09), "
               "teacher feature spread, momentum, LR")  # fmt: skip
@@ -194,6 +213,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout-min", type=float, default=45.0, help="per run; an unfinished run is summarised")
     parser.add_argument("--summary", action="store_true", help="only print the tables of the runs in --out")
+    parser.add_argument("--evaluate", action="store_true", help="redo the k-NN of the finished runs in --out")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--run-epochs", type=int, help=argparse.SUPPRESS)
@@ -203,7 +223,10 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         child(args)
         return
-    if not args.summary:
+    if args.evaluate:
+        for result in sorted(args.out.glob("epochs-*/result.json")):
+            evaluate(result.parent, args.out / "data", args.size, args.seed)
+    elif not args.summary:
         data = args.out / "data"
         write_digits(data, args.size, args.held_out, args.seed)
         for epochs in args.epochs:
