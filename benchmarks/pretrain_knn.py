@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout-min", type=float, default=45.0, help="per run; an unfinished run is summarised")
     parser.add_argument("--summary", action="store_true", help="only print the tables of the runs in --out")
-    parser.add_argument("--evaluate", action="store_true", help="redo the k-NN of the finished runs in --out")
+    parser.add_argument("--evaluate", action="store_true", help="add the k-NN to finished runs in --out that lack it")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--run-epochs", type=int, help=argparse.SUPPRESS)
@@ -225,7 +225,8 @@ def main() -> None:
         return
     if args.evaluate:
         for result in sorted(args.out.glob("epochs-*/result.json")):
-            evaluate(result.parent, args.out / "data", args.size, args.seed)
+            if "bank10" not in result.read_text():  # not yet with this script's k-NN
+                evaluate(result.parent, args.out / "data", args.size, args.seed)
     elif not args.summary:
         data = args.out / "data"
         write_digits(data, args.size, args.held_out, args.seed)
