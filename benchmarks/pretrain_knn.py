@@ -32,8 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hierax.atomic import atomic_write
+
 NETWORK = "hieradet_d_tiny"
 PROBE_LINE = re.compile(r"step (\d+): k-NN top-1 ([\d.]+) \(student ([\d.]+|nan);")
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
 
 def write_digits(folder: Path, size: int, held_out: int, seed: int) -> tuple[Path, Path]:
@@ -52,7 +58,7 @@ def write_digits(folder: Path, size: int, held_out: int, seed: int) -> tuple[Pat
         image = Image.fromarray((scan * (255 / 16)).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
         target = probe / f"digit{label}" if i in probe_ids else train
         target.mkdir(parents=True, exist_ok=True)
-        image.convert("RGB").save(target / f"{i:04d}.png")
+        atomic_write(target / f"{i:04d}.png", image.convert("RGB").save)
     return train, probe
 
 
@@ -78,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "workers_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
-    (run / "result.json").write_text(json.dumps(result, indent=1))
+    write_json(run / "result.json", result)
     evaluate(run, Path(args.data), args.size, args.seed)
 
 
@@ -113,7 +119,7 @@ def evaluate(run: Path, data: Path, size: int, seed: int) -> None:
     for name in ("model.pt", BEST_FILE):
         knn[name] = scores(load_pretrained_model(run / name, progress=False)[0])
     result = json.loads((run / "result.json").read_text())
-    (run / "result.json").write_text(json.dumps({**result, "knn": knn}, indent=1))
+    write_json(run / "result.json", {**result, "knn": knn})
 
 
 def trajectory(run: Path) -> list[dict]:
