@@ -21,9 +21,20 @@ import time
 
 import torch
 
-# Each contender's environment; the thp one has PyTorch back blocks of 2 MiB and more with transparent huge pages
-# (read once, at the first allocation).
-CONTENDERS = {"default": {}, "kept": {}, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+# Each contender's environment. thp: PyTorch backs blocks of 2 MiB and more with transparent huge pages (read once,
+# at the first allocation); heap32 / heap1g: glibc serves blocks up to 32 MiB / 1 GiB from its heap and never trims
+# it (heap1g is what keep_freed_memory() did before issue 18).
+_THP = {"THP_MEM_ALLOC_ENABLE": "1"}
+_HEAP32 = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647"}
+_HEAP1G = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647"}
+CONTENDERS = {
+    "default": {},
+    "kept": {},
+    "thp": _THP,
+    "heap32": _HEAP32,
+    "heap32+thp": {**_HEAP32, **_THP},
+    "heap1g": _HEAP1G,
+}
 
 
 def child(keep: bool, cases: list[str], passes: int) -> None:
@@ -63,7 +74,7 @@ def main() -> None:
         nargs="+",
         default=["default", "kept"],
         choices=list(CONTENDERS),
-        help="default: glibc's; kept: keep_freed_memory(); thp: glibc's with PyTorch's transparent huge pages",
+        help="default: glibc's; kept: keep_freed_memory(); others: see CONTENDERS",
     )
     parser.add_argument("--child", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
