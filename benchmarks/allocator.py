@@ -1,11 +1,13 @@
-"""What `hierax.runtime.keep_freed_memory` (applied by the `hierax` command) is worth: forward images/s, page
-faults per pass and peak memory, glibc's default against freed memory kept for reuse.
+"""What the allocator settings are worth: forward images/s, page faults per pass and peak memory, glibc's default
+against `hierax.runtime.keep_freed_memory` (kept) and the other contenders in CONTENDERS (thp: the transparent
+huge pages that `hierax.runtime.fast_page_faults`, applied by the `hierax` command, chooses where it can).
 
-The setting is process-wide and cannot be undone, so each contender runs in its own child process; the children
-alternate (default, kept, default, kept, ...) so that load from other processes hurts both alike, and each
-reports its best pass. Printed: the best of each contender over all pairs, and the median per-pair ratio.
+The settings are process-wide and cannot be undone, so each contender runs in its own child process; the children
+alternate (default, kept, ..., default, kept, ...) so that load from other processes hurts all alike, and each
+reports its best pass. Printed: the best of each contender over all rounds, and the median per-round ratio to the
+default.
 
-    python benchmarks/allocator.py --pairs 4 --cases 224x8 384x8 384x1
+    python benchmarks/allocator.py --pairs 3 --passes 2 --cases 384x8 --contenders kept thp
 """
 
 from __future__ import annotations
