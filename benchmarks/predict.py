@@ -9,12 +9,25 @@ Prints the ratio and the peak RSS of the main process and of the largest worker.
 applies `hierax.runtime.keep_freed_memory`, as the `hierax` command does; run it with and without to compare.
 
     python benchmarks/predict.py --images 200 --size 384 --batch-size 8 --workers 2
+
+`--against-reference BIRDER_PYTHON` instead runs the `hierax predict` command against birder's predict script
+(`python -m birder.scripts.predict`, from a throwaway venv whose python is given) on the same reference-layout
+checkpoint (random weights, `--num-classes` head) and the same JPEGs, in alternating child processes, for every
+`--sizes` x `--batch-sizes`: wall time of the whole command, the main process's peak RSS (VmHWM) and the peak of
+the summed proportional set size (PSS: shared pages split among their sharers) of the process tree (main +
+DataLoader workers), sampled every 0.2 s.
+
+    python benchmarks/predict.py --against-reference /work/birder-venv/bin/python --sizes 224 384 \
+        --batch-sizes 8 32 --images 200 --workers 2 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +68,130 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+# ---- `hierax predict` against birder's predict script, in alternating child processes ----
+
+
+def _proc_kib(pid: int, field: str, table: str = "status") -> int:
+    """A `/proc/PID/status` (or `smaps_rollup`) field in KiB (0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/{table}") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and its living descendants (the DataLoader workers), from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """Run `cmd`; its wall time, the main process's peak RSS and the tree's peak summed PSS (MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    main_peak = tree_peak = 0
+    while proc.poll() is None:
+        main_peak = max(main_peak, _proc_kib(proc.pid, "VmHWM"))
+        tree_peak = max(tree_peak, sum(_proc_kib(pid, "Pss", "smaps_rollup") for pid in _tree(proc.pid)))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read()[-2000:]}")
+    return {"wall": wall, "main_mib": main_peak / 1024, "tree_mib": tree_peak / 1024}
+
+
+def against_reference(args: argparse.Namespace) -> int:
+    """The `hierax predict` command against birder's predict script: wall time and peak memory."""
+    from hierax.models import create_model
+    from hierax.weights.files import ModelInfo, write_checkpoint
+
+    print(
+        f"{args.network} ({args.num_classes} classes), {args.images} JPEGs of {args.long_side} px, "
+        f"{args.workers} workers, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"{args.rounds} alternating rounds (best wall, largest memory)"
+    )
+    env = dict(os.environ)
+    birder_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # birder's venv sees no hierax
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        make_jpegs(root / "images", args.images, args.long_side)
+        torch.manual_seed(0)
+        net = create_model(args.network, args.num_classes)
+        names = {f"{i:05d}_Genus{i // 3}_sp{i}": i for i in range(args.num_classes)}
+        checkpoint = write_checkpoint(
+            root / "models" / f"{args.network}_0.pt", net, ModelInfo.create(args.network, names, 224)
+        )
+        del net
+        print(
+            f"{'size':>4} {'batch':>5} {'hierax s':>8} {'birder s':>8} {'wall x':>6}  "
+            f"{'main MiB h/b':>13} {'x':>5}  {'tree PSS h/b':>13} {'x':>5}  load"
+        )
+        for size in args.sizes:
+            for batch in args.batch_sizes:
+                common = ["--size", str(size), "--batch-size", str(batch)]
+                commands = {
+                    "hierax": [
+                        sys.executable,
+                        "-m",
+                        "hierax",
+                        "predict",
+                        "--model",
+                        str(checkpoint),
+                        *common,
+                        "--workers",
+                        str(args.workers),
+                        "--quiet",
+                        "-o",
+                        str(root / "out.csv"),
+                        "images",
+                    ],
+                    "birder": [
+                        args.against_reference,
+                        "-m",
+                        "birder.scripts.predict",
+                        "-n",
+                        args.network,
+                        "-e",
+                        "0",
+                        *common,
+                        "-j",
+                        str(args.workers),
+                        "images",
+                    ],
+                }
+                runs: dict[str, list[dict]] = {"hierax": [], "birder": []}
+                for _ in range(args.rounds):
+                    for name, cmd in commands.items():
+                        runs[name].append(run_measured(cmd, root, env if name == "hierax" else birder_env))
+                h_wall, b_wall = (min(r["wall"] for r in runs[n]) for n in runs)
+                h_main, b_main = (max(r["main_mib"] for r in runs[n]) for n in runs)
+                h_tree, b_tree = (max(r["tree_mib"] for r in runs[n]) for n in runs)
+                ratios = statistics.median(h["wall"] / b["wall"] for h, b in zip(runs["hierax"], runs["birder"]))
+                print(
+                    f"{size:>4} {batch:>5} {h_wall:>8.1f} {b_wall:>8.1f} {ratios:>5.2f}x  "
+                    f"{h_main:>6.0f}/{b_main:<6.0f} {h_main / b_main:>4.2f}x  "
+                    f"{h_tree:>6.0f}/{b_tree:<6.0f} {h_tree / b_tree:>4.2f}x  {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
@@ -67,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--keep-freed-memory", action="store_true", help="as the hierax command does (glibc)")
+    parser.add_argument("--against-reference", metavar="BIRDER_PYTHON", help="the python of a venv with birder")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="with --against-reference")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="with --against-reference")
+    parser.add_argument("--rounds", type=int, default=1, help="with --against-reference")
     args = parser.parse_args(argv)
+    if args.against_reference:
+        return against_reference(args)
     if args.keep_freed_memory:
         from hierax.runtime import keep_freed_memory
 

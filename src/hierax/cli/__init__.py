@@ -14,7 +14,7 @@ import pkgutil
 import sys
 
 from hierax.errors import HieraxError
-from hierax.runtime import keep_freed_memory
+from hierax.runtime import fast_page_faults
 
 # Libraries whose INFO chatter (onnxscript alone logs about 300 lines an export) would bury hierax's own lines;
 # they log at WARNING and above unless --verbose. uvicorn is left alone: `hierax serve` sets its levels itself.
@@ -70,7 +70,7 @@ def _run_command(argv: list[str] | None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    keep_freed_memory()  # the command owns its process: reuse freed pages across forward passes
+    fast_page_faults()  # the command owns its process: cheap page faults for large tensors (before torch loads)
     try:
         return int(args.run(args) or 0)
     except HieraxError as err:
