@@ -90,6 +90,20 @@ def test_attention_policy():
         assert fastpath.use_matmul_attention(q, q), "forced"
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_with_amx_long_sequences_take_the_fused_kernel(monkeypatch, amx):
+    """With AMX tiles the fused kernel is faster in bf16 past the smallest windows (benchmarks/README.md); without,
+    every bf16 shape of the model takes two matmuls where bf16 is native."""
+    monkeypatch.setattr(fastpath, "has_amx", lambda: amx)
+    monkeypatch.setattr(fastpath, "native_half_dtypes", lambda: frozenset({torch.bfloat16}))
+    with fast_path():
+        window = torch.zeros(144, 1, 64, 8, dtype=torch.bfloat16)  # stage 1 at 384 px: 8x8 windows
+        global_ = torch.zeros(1, 4, 576, 8, dtype=torch.bfloat16)  # stage 3 at 384 px: global attention
+        assert fastpath.use_matmul_attention(window, window)
+        assert fastpath.use_matmul_attention(global_, global_) is not amx
+        assert not fastpath.use_matmul_attention(global_.float(), global_.float())
+
+
 def test_position_embedding_cache_matches_and_follows_weights():
     net = _tiny()
     x = torch.randn(1, 3, 64, 96)

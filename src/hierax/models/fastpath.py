@@ -38,6 +38,8 @@ _OFF_VALUES = ("0", "false", "no", "off")
 # Above this many attention scores (batch * heads * queries * keys) the CPU uses the fused kernel, whose memory
 # does not grow with the score matrix.
 _CPU_MATMUL_ATTENTION_MAX = 1 << 26
+# With AMX, the fused kernel's bf16 tile GEMMs beat two matmuls once a sequence is longer than a small window.
+_AMX_MATMUL_ATTENTION_MAX_TOKENS = 64
 
 
 # ---- what this CPU computes natively (probed once, on first use) ----
@@ -50,6 +52,18 @@ def native_half_dtypes() -> frozenset[torch.dtype]:
     mkldnn = torch.ops.mkldnn
     checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
     return frozenset(dt for dt, check in checks.items() if hasattr(mkldnn, check) and getattr(mkldnn, check)())
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later), read from the kernel's CPU flags
+    (Linux); False where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_tile" in flags and "amx_bf16" in flags
 
 
 @functools.cache
@@ -153,16 +167,19 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `attention` takes the two-matmul form rather than the fused kernel.
 
     Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 with native kernels the
-    CPU fused kernel is much slower than two bf16 matmuls and a softmax for this model's shapes; where bf16 is
-    emulated (AVX2-only x86) the fused kernel, which accumulates in fp32, is faster; in fp32 it is as fast or
-    faster, and on CUDA it is the fast path."""
+    CPU fused kernel is much slower than two bf16 matmuls and a softmax for this model's shapes, except with AMX,
+    where it is faster past the smallest windows; where bf16 is emulated (AVX2-only x86) the fused kernel, which
+    accumulates in fp32, is faster; in fp32 it is as fast or faster, and on CUDA it is the fast path."""
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
     policy = _current()
     if policy.matmul_attention is not None:
         return policy.matmul_attention
-    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    return q.device.type == "cpu" and q.dtype in policy.matmul_dtypes and scores <= _CPU_MATMUL_ATTENTION_MAX
+    if q.device.type != "cpu" or q.dtype not in policy.matmul_dtypes:
+        return False
+    if has_amx() and k.shape[2] > _AMX_MATMUL_ATTENTION_MAX_TOKENS:
+        return False
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _CPU_MATMUL_ATTENTION_MAX
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
