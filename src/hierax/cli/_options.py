@@ -125,3 +125,21 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
+
+
+def add_open_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "species of your own" group of predict and serve: few-shot species in the ranking, and "unknown" for a
+    low best score."""
+    own = parser.add_argument_group(
+        "species of your own",
+        "species fitted from a few photos each (hierax fewshot fit) ranked with the model's classes, and "
+        "'unknown' where the best score is low",
+    )
+    own.add_argument("--extra-species", metavar="SPECIES", help="a few-shot species file made with this model")
+    own.add_argument("--only-extra", action="store_true", help="rank the extra species alone (no model classes)")
+    own.add_argument(
+        "--unknown-threshold",
+        type=probability,
+        metavar="P",
+        help="best probability below P -> 'unknown' (default: the extra species' calibrated threshold)",
+    )

@@ -8,7 +8,7 @@ import argparse
 import csv
 import sys
 
-from hierax.cli._options import add_geo_options, add_model_options, geo_kwargs, model_kwargs, probability
+from hierax.cli._options import add_geo_options, add_model_options, add_open_set_arguments, geo_kwargs, model_kwargs
 from hierax.errors import HieraxError
 
 COMMAND = "predict"
@@ -48,23 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_geo_options(parser)
     add_open_set_arguments(parser)
     add_camera_trap_arguments(parser)
-
-
-def add_open_set_arguments(parser: argparse.ArgumentParser) -> None:
-    """The "species of your own" group: few-shot species in the ranking, and "unknown" for a low best score."""
-    own = parser.add_argument_group(
-        "species of your own",
-        "species fitted from a few photos each (hierax fewshot fit) ranked with the model's classes, and "
-        "'unknown' where the best score is low",
-    )
-    own.add_argument("--extra-species", metavar="SPECIES", help="a few-shot species file made with this model")
-    own.add_argument("--only-extra", action="store_true", help="rank the extra species alone (no model classes)")
-    own.add_argument(
-        "--unknown-threshold",
-        type=probability,
-        metavar="P",
-        help="best probability below P -> 'unknown' (default: the extra species' calibrated threshold)",
-    )
 
 
 def open_set_options(args: argparse.Namespace):

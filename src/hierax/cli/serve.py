@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hierax.cli._options import add_open_set_arguments
 from hierax.errors import HieraxError
 from hierax.sizes import add_size_option, size_from
 from hierax.weights.catalog import DEFAULT_MODEL
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_network_arguments(parser.add_argument_group("on an open network (all off by default)"))
     _add_addon_arguments(parser.add_argument_group("what the answers add (all off by default)"))
+    add_open_set_arguments(parser)
 
 
 def _add_network_arguments(group: argparse._ArgumentGroup) -> None:
@@ -93,18 +95,6 @@ def _add_addon_arguments(group: argparse._ArgumentGroup) -> None:
         "--thumbnails",
         action="store_true",
         help="serve small re-encoded copies of indexed photos, by index id only (with --index)",
-    )
-    group.add_argument(
-        "--extra-species",
-        metavar="SPECIES",
-        help="species of your own (hierax fewshot fit), ranked with the model's",
-    )
-    group.add_argument("--only-extra", action="store_true", help="rank your species alone (with --extra-species)")
-    group.add_argument(
-        "--unknown-threshold",
-        type=float,
-        metavar="T",
-        help="a best probability below T answers 'unknown' (default with --extra-species: its calibrated one)",
     )
 
 
