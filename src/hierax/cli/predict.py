@@ -50,9 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_camera_trap_arguments(parser)
 
 
+def open_set_given(args: argparse.Namespace) -> bool:
+    """Whether any of --extra-species / --only-extra / --unknown-threshold is given."""
+    return args.extra_species is not None or args.unknown_threshold is not None or args.only_extra
+
+
 def open_set_options(args: argparse.Namespace):
     """The OpenSet of --extra-species / --only-extra / --unknown-threshold, or None when none is given."""
-    if args.extra_species is None and args.unknown_threshold is None and not args.only_extra:
+    if not open_set_given(args):
         return None
     # imported here: keeps hierax --help fast
     from hierax.similar.openset import OpenSet
@@ -142,14 +147,14 @@ def _run_detections(args: argparse.Namespace, options: dict) -> int:
 
 def run(args: argparse.Namespace) -> int:
     options = model_kwargs(args)
-    open_set = open_set_options(args)
     if args.detections is not None:
-        if open_set is not None:
+        if open_set_given(args):
             raise HieraxError("--extra-species, --only-extra and --unknown-threshold do not work with --detections")
         return _run_detections(args, options)
     given = [f"--{name.replace('_', '-')}" for name in DETECTION_ONLY if getattr(args, name) is not None]
     if given:
         raise HieraxError(f"{', '.join(given)} only work with --detections MD.json")
+    open_set = open_set_options(args)
     # imported here: keeps hierax --help fast
     from hierax.distributed import is_main_rank
     from hierax.inference.predict import predict
