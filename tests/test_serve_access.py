@@ -231,18 +231,20 @@ def test_a_full_queue_answers_503_at_once_and_recovers(model, chelsea):
 
 def test_request_timeouts_in_the_upload_and_while_waiting_for_the_model(model, chelsea):
     net, info = model
-    # a batch waits (max_wait_ms) for an announced request; that one's upload never ends
+    # a forming batch waits (max_wait_ms) for every announced item; one announced here, outside any request, is
+    # held for the whole exchange, so the waiting request's deadline passes before its batch can run (a stalled
+    # request's own announcement would not do: its deadline comes first and releases the batch)
     app = create_app(net, info, max_wait_ms=60_000, options=ServiceOptions(request_timeout=0.5))
 
     async def main():
         never = asyncio.Event()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
             headers = {"Content-Type": "image/jpeg"}
-            stalled = asyncio.ensure_future(c.post("/v1/classify", content=SlowBody(chelsea, never), headers=headers))
-            while app.state.admission.depth < 1:
-                await asyncio.sleep(0.01)
-            waiting = await c.post("/v1/classify", content=chelsea, headers=headers)
-            return waiting, await stalled, (await c.get("/healthz")).json()
+            with app.state.model.batcher.expect():
+                stalled = c.post("/v1/classify", content=SlowBody(chelsea, never), headers=headers)
+                waiting = c.post("/v1/classify", content=chelsea, headers=headers)
+                waiting, stalled = await asyncio.gather(waiting, stalled)
+            return waiting, stalled, (await c.get("/healthz")).json()
 
     waiting, stalled, health = asyncio.run(main())
     body = _error(waiting, 503, "timeout")

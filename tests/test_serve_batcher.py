@@ -162,6 +162,23 @@ def test_cancelled_callers_are_skipped():
     assert batches == [[2]]
 
 
+def test_a_cancel_as_the_wait_for_announced_items_ends_stops_the_worker():
+    # the last announcement ends and the loop shuts down in the same step: the worker must still stop (with
+    # asyncio.wait_for on Python 3.11 it swallowed that cancel and asyncio.run never returned)
+    batcher = MicroBatcher(lambda items: items, max_batch=4, max_wait_ms=60_000)
+
+    async def main():
+        with batcher.expect():
+            waiting = asyncio.ensure_future(batcher.submit(1))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "asyncio.run did not return: the batcher's worker ignored its cancel"
+
+
 def test_close_fails_pending_and_a_new_loop_restarts_the_worker():
     release = threading.Event()
 

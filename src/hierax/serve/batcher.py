@@ -127,8 +127,11 @@ class MicroBatcher(Generic[T, R]):
             await self._wakeup.wait()
             if len(self._pending) < self.max_batch and self._expected > 0 and self.max_wait > 0:
                 self._ready.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands as the
+                # wait ends, and the worker then never stops (a hung shutdown)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), self.max_wait)
+                    async with asyncio.timeout(self.max_wait):
+                        await self._ready.wait()
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             if not self._pending:
                 self._wakeup.clear()
