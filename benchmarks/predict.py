@@ -27,7 +27,6 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from children import run_measured
 
 
 def make_jpegs(folder: Path, count: int, long_side: int) -> list[Path]:
@@ -69,50 +70,6 @@ def cpu_seconds() -> tuple[float, float]:
 
 
 # ---- `hierax predict` against birder's predict script, in alternating child processes ----
-
-
-def _proc_kib(pid: int, field: str, table: str = "status") -> int:
-    """A `/proc/PID/status` (or `smaps_rollup`) field in KiB (0 once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/{table}") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and its living descendants (the DataLoader workers), from /proc."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += frontier
-    return found
-
-
-def run_measured(cmd: list[str], cwd: Path, env: dict) -> dict:
-    """Run `cmd`; its wall time, the main process's peak RSS and the tree's peak summed PSS (MiB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    main_peak = tree_peak = 0
-    while proc.poll() is None:
-        main_peak = max(main_peak, _proc_kib(proc.pid, "VmHWM"))
-        tree_peak = max(tree_peak, sum(_proc_kib(pid, "Pss", "smaps_rollup") for pid in _tree(proc.pid)))
-        time.sleep(0.2)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read()[-2000:]}")
-    return {"wall": wall, "main_mib": main_peak / 1024, "tree_mib": tree_peak / 1024}
 
 
 def against_reference(args: argparse.Namespace) -> int:

@@ -8,13 +8,29 @@ schedules, gradient clipping, EMA and the metrics log. Both use hieradet_d_small
     python benchmarks/train.py [--steps 6] [--warmup 2] [--size 256] [--batch-size 16] [--workers N] [--device]
 
 Prints images/s and peak memory for each and their ratio. Peak memory is CUDA's max allocated on a GPU and the
-process's peak RSS on CPU (monotonic, so the pipeline, measured second, includes the baseline's)."""
+process's peak RSS on CPU (monotonic, so the pipeline, measured second, includes the baseline's).
+
+`--against-reference BIRDER_PYTHON` instead runs the `hierax train` command against birder's train script
+(`python -m birder.scripts.train`, from a throwaway venv whose python is given) in alternating child processes, on
+the same photos with the same recipe: AdamW (lr 1e-4, weight decay 0.05), TrivialAugment (wide), random erasing
+0.25, MixUp 0.8 + CutMix on every batch, label smoothing 0.1, gradient clipping at 1, EMA every step, no layer
+decay, bf16 autocast where this CPU has native bf16 (fp32 elsewhere), `--workers` decoding processes each.
+Speed is the median of the per-step images/s that both log (every step; the `--warmup` first steps left out),
+memory the main process's peak RSS and the process tree's peak summed PSS (`children.run_measured`).
+
+    python benchmarks/train.py --against-reference /work/birder-venv/bin/python --steps 8 --warmup 2 --rounds 2
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import re
 import resource
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +40,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from children import run_measured
 from hierax.data.datasets import load_labelled
 from hierax.distributed import init_distributed, seed_everything
 from hierax.models import create_model
@@ -113,6 +130,75 @@ def pipeline(args: argparse.Namespace, dist, amp: bool, workdir: Path) -> tuple[
     return args.steps * args.batch_size / seconds, peak_memory_mib(dist.device)
 
 
+def reference_commands(args: argparse.Namespace, amp: bool) -> dict[str, list[str]]:
+    """The two commands with one recipe (see the module docstring), run in a folder holding train/ and val/."""
+    common = ["--network", "hieradet_d_small", "--size", str(args.size), "--batch-size", str(args.batch_size)]
+    common += ["--epochs", "1", "--lr", "1e-4", "--device", "cpu"]
+    hierax = [sys.executable, "-m", "hierax", "train", "--data", "train", *common, "--output-dir", "hierax-run"]
+    hierax += ["--weight-decay", "0.05", "--layer-decay", "1", "--clip-grad", "1", "--augment", "trivialaugment"]
+    hierax += ["--augment-strength", "1", "--random-erasing", "0.25", "--mixup", "0.8", "--cutmix", "1"]
+    hierax += ["--mix-prob", "1", "--label-smoothing", "0.1", "--workers", str(args.workers), "--log-every", "1"]
+    hierax += ["--amp" if amp else "--no-amp"]
+    birder = [args.against_reference, "-m", "birder.scripts.train", *common, "--opt", "adamw", "--wd", "0.05"]
+    birder += ["--clip-grad-norm", "1", "--aug-type", "ta_wide", "--re-prob", "0.25", "--mixup-alpha", "0.8"]
+    birder += ["--cutmix", "--smoothing-alpha", "0.1", "--model-ema", "--model-ema-steps", "1"]
+    birder += ["-j", str(args.workers), "--log-interval", "1", "--data-path", "train", "--val-path", "val"]
+    birder += ["--non-interactive", "--no-summary", *(["--amp", "--amp-dtype", "bfloat16"] if amp else [])]
+    return {"hierax": hierax, "birder": birder}
+
+
+def step_rates(name: str, run: dict, root: Path, warmup: int) -> list[float]:
+    """Images/s of each logged step after the first `warmup`: hierax's metrics.jsonl, birder's log lines."""
+    if name == "hierax":
+        records = [json.loads(line) for line in (root / "hierax-run" / "metrics.jsonl").read_text().splitlines()]
+        rates = [r["images_per_s"] for r in records if r.get("split") == "train" and r["step"] > warmup]
+    else:
+        found = re.findall(r"iter (\d+)/\d+ .*?R: ([\d.]+) samples/s", run["output"])
+        rates = [float(rate) for step, rate in found if int(step) > warmup]
+    if not rates:
+        raise SystemExit(f"{name} logged no step past the first {warmup}: {run['output'][-2000:]}")
+    return rates
+
+
+def against_reference(args: argparse.Namespace) -> None:
+    """`hierax train` against birder's train script: images/s of the training steps and peak memory."""
+    from hierax.models.fastpath import native_half_dtypes
+
+    amp = torch.bfloat16 in native_half_dtypes()
+    env = dict(os.environ, TQDM_DISABLE="1")
+    birder_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # birder's venv sees no hierax
+    print(
+        f"hieradet_d_small at {args.size}, batch {args.batch_size}, {args.warmup}+{args.steps} steps, "
+        f"{args.workers} workers, bf16 autocast {amp}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"{args.rounds} alternating rounds"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_photos(root / "train", (args.warmup + args.steps) * args.batch_size, args.size)
+        make_photos(root / "val", NUM_CLASSES, args.size)
+        commands = reference_commands(args, amp)
+        rates: dict[str, list[float]] = {"hierax": [], "birder": []}
+        runs: dict[str, list[dict]] = {"hierax": [], "birder": []}
+        for _ in range(args.rounds):
+            for name, cmd in commands.items():
+                run = run_measured(cmd, root, env if name == "hierax" else birder_env)
+                rates[name] += step_rates(name, run, root, args.warmup)
+                runs[name].append(run)
+    speed = {name: statistics.median(values) for name, values in rates.items()}
+    main_peak = {name: max(r["main_mib"] for r in done) for name, done in runs.items()}
+    tree_peak = {name: max(r["tree_mib"] for r in done) for name, done in runs.items()}
+    for name in runs:
+        print(
+            f"{name:6s}: {speed[name]:6.2f} images/s (median of {len(rates[name])} steps), "
+            f"main peak RSS {main_peak[name]:6.0f} MiB, tree peak PSS {tree_peak[name]:6.0f} MiB"
+        )
+    print(
+        f"hierax / birder: speed {speed['hierax'] / speed['birder']:.2f}x, "
+        f"main memory {main_peak['hierax'] / main_peak['birder']:.2f}x, "
+        f"tree memory {tree_peak['hierax'] / tree_peak['birder']:.2f}x, load {os.getloadavg()[0]:.1f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -121,7 +207,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, help="data loader workers (default: min(4, CPU count))")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--against-reference", metavar="BIRDER_PYTHON", help="time birder's train script instead")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds against the reference")
     args = parser.parse_args()
+    if args.against_reference:
+        args.workers = 2 if args.workers is None else args.workers
+        against_reference(args)
+        return
     logging.basicConfig(level=logging.WARNING)
     dist = init_distributed(args.device)
     amp = dist.device.type == "cuda"

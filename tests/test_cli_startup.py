@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.data_fixtures import make_checkpoint, write_image
 
 HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "fastapi", "onnx")
@@ -112,3 +114,15 @@ def test_train_workers_default_to_the_cpu_rule():
     assert args.workers is None and system_kwargs(args)["num_workers"] == default_workers()
     args = build_parser().parse_args(["train", "--data", "photos", "--workers", "0"])
     assert system_kwargs(args)["num_workers"] == 0
+
+
+def test_train_precision_flags_force_bf16_autocast_either_way():
+    from hierax.cli import build_parser
+    from hierax.cli._options import system_kwargs
+
+    parse = build_parser().parse_args
+    assert system_kwargs(parse(["train", "--data", "photos"]))["amp"] is None  # the engine decides: CUDA only
+    assert system_kwargs(parse(["pretrain", "--data", "photos", "--amp"]))["amp"] is True
+    assert system_kwargs(parse(["train", "--data", "photos", "--no-amp"]))["amp"] is False
+    with pytest.raises(SystemExit):
+        parse(["train", "--data", "photos", "--amp", "--no-amp"])

@@ -83,7 +83,11 @@ def add_system_options(parser: argparse.ArgumentParser, compiled: str) -> None:
     """The "system" group of train and pretrain: device, precision, compile, workers, seed, logging."""
     system = parser.add_argument_group("system")
     system.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    system.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
+    precision = system.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--amp", action="store_true", help="bf16 autocast on the CPU too (pays where bf16 is native: AVX-512 BF16, AMX)"
+    )
+    precision.add_argument("--no-amp", action="store_true", help="no bf16 autocast (it is on by default on CUDA)")
     system.add_argument("--compile", action="store_true", help=f"torch.compile the {compiled}")
     system.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     system.add_argument("--workers", type=int, help=WORKERS_HELP)
@@ -104,7 +108,7 @@ def system_kwargs(args: argparse.Namespace) -> dict:
 
     return {
         "accum_steps": args.accum_steps,
-        "amp": False if args.no_amp else None,
+        "amp": True if args.amp else False if args.no_amp else None,
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,
         "num_workers": default_workers() if args.workers is None else args.workers,

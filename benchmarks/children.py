@@ -1,0 +1,60 @@
+"""Measuring a whole command in a child process, for the benchmarks that run hierax against the reference's scripts:
+wall time, the main process's peak RSS (VmHWM) and the peak of the summed proportional set size (PSS: shared
+pages split among their sharers) of its process tree (main + DataLoader workers), sampled every 0.2 s."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def _proc_kib(pid: int, field: str, table: str = "status") -> int:
+    """A `/proc/PID/status` (or `smaps_rollup`) field in KiB (0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/{table}") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and its living descendants (the DataLoader workers), from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """Run `cmd`; its wall time, peak memory (MiB: "main_mib", "tree_mib") and what it printed ("output").
+
+    The output goes to a file, not a pipe, so that a chatty child never blocks on a full pipe."""
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        main_peak = tree_peak = 0
+        while proc.poll() is None:
+            main_peak = max(main_peak, _proc_kib(proc.pid, "VmHWM"))
+            tree_peak = max(tree_peak, sum(_proc_kib(pid, "Pss", "smaps_rollup") for pid in _tree(proc.pid)))
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {output[-2000:]}")
+    return {"wall": wall, "main_mib": main_peak / 1024, "tree_mib": tree_peak / 1024, "output": output}
