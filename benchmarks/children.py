@@ -4,7 +4,10 @@ pages split among their sharers) of its process tree (main + DataLoader workers)
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -58,3 +61,43 @@ def run_measured(cmd: list[str], cwd: Path, env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed: {output[-2000:]}")
     return {"wall": wall, "main_mib": main_peak / 1024, "tree_mib": tree_peak / 1024, "output": output}
+
+
+def step_rates(name: str, run: dict, metrics: Path, warmup: int) -> list[float]:
+    """Images/s of each logged step after the first `warmup`: hierax's `metrics` (metrics.jsonl), birder's log."""
+    if name == "hierax":
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rates = [r["images_per_s"] for r in records if r.get("split") == "train" and r["step"] > warmup]
+    else:
+        found = re.findall(r"iter (\d+)/\d+ .*?R: ([\d.]+) samples/s", run["output"])
+        rates = [float(rate) for step, rate in found if int(step) > warmup]
+    if not rates:
+        raise SystemExit(f"{name} logged no step past the first {warmup}: {run['output'][-2000:]}")
+    return rates
+
+
+def compare_training(commands: dict[str, list[str]], root: Path, metrics: Path, warmup: int, rounds: int) -> None:
+    """Run the "hierax" and "birder" training commands in alternating rounds in `root`; print the median images/s
+    of their steps past `warmup`, their peak memory and the ratios. birder's child sees no PYTHONPATH."""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    envs = {"hierax": env, "birder": {k: v for k, v in env.items() if k != "PYTHONPATH"}}
+    rates: dict[str, list[float]] = {name: [] for name in commands}
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for _ in range(rounds):
+        for name, cmd in commands.items():
+            run = run_measured(cmd, root, envs[name])
+            rates[name] += step_rates(name, run, metrics, warmup)
+            runs[name].append(run)
+    speed = {name: statistics.median(values) for name, values in rates.items()}
+    main_peak = {name: max(r["main_mib"] for r in done) for name, done in runs.items()}
+    tree_peak = {name: max(r["tree_mib"] for r in done) for name, done in runs.items()}
+    for name in runs:
+        print(
+            f"{name:6s}: {speed[name]:6.2f} images/s (median of {len(rates[name])} steps), "
+            f"main peak RSS {main_peak[name]:6.0f} MiB, tree peak PSS {tree_peak[name]:6.0f} MiB"
+        )
+    print(
+        f"hierax / birder: speed {speed['hierax'] / speed['birder']:.2f}x, "
+        f"main memory {main_peak['hierax'] / main_peak['birder']:.2f}x, "
+        f"tree memory {tree_peak['hierax'] / tree_peak['birder']:.2f}x, load {os.getloadavg()[0]:.1f}"
+    )

@@ -8,7 +8,19 @@ then the per-image slope, which extrapolates to larger batches.
     python benchmarks/pretrain.py [--network hieradet_d_tiny] [--size 224] [--local-size 96] [--local-crops 8]
         [--batches 1 2 4] [--steps 2] [--prototypes 65536] [--grad-checkpointing] [--device cpu]
 
-Keep the batches small on a shared machine: the default recipe takes ~0.36 GB per image at 224 + 8 x 96."""
+Keep the batches small on a shared machine: the default recipe takes ~0.36 GB per image at 224 + 8 x 96.
+
+`--against-reference BIRDER_PYTHON` instead runs the `hierax pretrain` command against birder's DINOv2 trainer
+(`python -m birder.scripts.train_dino_v2`, from a throwaway venv whose python is given) in alternating child
+processes, on one folder of photos (crops of scikit-image's coffee photo), with matching crops (2 global at
+`--size`, `--local-crops` at `--local-size`), separate DINO and iBOT heads of `--prototypes` each, Sinkhorn-Knopp
+targets, AdamW, `--workers` decoding processes each and bf16 autocast where this CPU has native bf16. Speed is the
+median of the per-step images/s both log (the `--warmup` first steps left out); memory the main process's peak
+RSS and the process tree's peak summed PSS (`children.run_measured`). One `--batches` value is used.
+
+    python benchmarks/pretrain.py --against-reference /work/birder-venv/bin/python --network hieradet_d_tiny \
+        --size 64 --local-size 32 --batches 8 --steps 6 --warmup 2
+"""
 
 from __future__ import annotations
 
@@ -24,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from children import compare_training
 
 
 def child(args: argparse.Namespace) -> None:
@@ -67,6 +81,46 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"estimate": estimate.on(torch.device(args.device or "cpu")), "peak": peak, "s": seconds}))
 
 
+def reference_commands(args: argparse.Namespace, batch: int, amp: bool) -> dict[str, list[str]]:
+    """The two pretraining commands with matching crops, heads and optimiser, run in a folder holding images/."""
+    common = ["--network", args.network, "--size", str(args.size), "--batch-size", str(batch), "--epochs", "1"]
+    common += ["--device", "cpu"]
+    hierax = [sys.executable, "-m", "hierax", "pretrain", "--data", "images", *common, "--output-dir", "hierax-run"]
+    hierax += ["--local-size", str(args.local_size), "--local-crops", str(args.local_crops)]
+    hierax += ["--prototypes", str(args.prototypes), "--targets", "sinkhorn", "--workers", str(args.workers)]
+    hierax += ["--log-every", "1", "--amp" if amp else "--no-amp"]
+    birder = [args.against_reference, "-m", "birder.scripts.train_dino_v2", *common, "--data-path", "images"]
+    birder += ["--local-crop-size", str(args.local_size), str(args.local_size)]
+    birder += ["--local-crops-number", str(args.local_crops), "--dino-out-dim", str(args.prototypes)]
+    birder += ["--ibot-out-dim", str(args.prototypes), "--ibot-separate-head", "--centering", "sinkhorn_knopp"]
+    birder += ["--opt", "adamw", "--lr", "1e-4", "--warmup-teacher-temp-epochs", "0", "-j", str(args.workers)]
+    birder += ["--log-interval", "1"]
+    birder += ["--non-interactive", "--no-summary", *(["--amp", "--amp-dtype", "bfloat16"] if amp else [])]
+    return {"hierax": hierax, "birder": birder}
+
+
+def against_reference(args: argparse.Namespace) -> None:
+    """`hierax pretrain` against birder's DINOv2 trainer: images/s of the steps and peak memory."""
+    import torch
+
+    from hierax.models.fastpath import native_half_dtypes
+    from train import make_photos
+
+    batch = args.batches[0]
+    amp = torch.bfloat16 in native_half_dtypes()
+    print(
+        f"{args.network}, 2 x {args.size} + {args.local_crops} x {args.local_size}, K={args.prototypes}, "
+        f"batch {batch}, {args.warmup}+{args.steps} steps, {args.workers} workers, bf16 autocast {amp}, "
+        f"{args.rounds} rounds"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_photos(root / "images", (args.warmup + args.steps) * batch, args.size)
+        compare_training(
+            reference_commands(args, batch, amp), root, root / "hierax-run" / "metrics.jsonl", args.warmup, args.rounds
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="hieradet_d_tiny")
@@ -79,6 +133,10 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device")
+    parser.add_argument("--against-reference", metavar="BIRDER_PYTHON", help="time birder's DINOv2 trainer instead")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the speed against the reference")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes against the reference")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds against the reference")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -87,6 +145,9 @@ def main() -> None:
     if args.child:
         logging.basicConfig(level=logging.WARNING)
         child(args)
+        return
+    if args.against_reference:
+        against_reference(args)
         return
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,12 +24,9 @@ memory the main process's peak RSS and the process tree's peak summed PSS (`chil
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +37,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from children import run_measured
+from children import compare_training
 from hierax.data.datasets import load_labelled
 from hierax.distributed import init_distributed, seed_everything
 from hierax.models import create_model
@@ -147,26 +144,11 @@ def reference_commands(args: argparse.Namespace, amp: bool) -> dict[str, list[st
     return {"hierax": hierax, "birder": birder}
 
 
-def step_rates(name: str, run: dict, root: Path, warmup: int) -> list[float]:
-    """Images/s of each logged step after the first `warmup`: hierax's metrics.jsonl, birder's log lines."""
-    if name == "hierax":
-        records = [json.loads(line) for line in (root / "hierax-run" / "metrics.jsonl").read_text().splitlines()]
-        rates = [r["images_per_s"] for r in records if r.get("split") == "train" and r["step"] > warmup]
-    else:
-        found = re.findall(r"iter (\d+)/\d+ .*?R: ([\d.]+) samples/s", run["output"])
-        rates = [float(rate) for step, rate in found if int(step) > warmup]
-    if not rates:
-        raise SystemExit(f"{name} logged no step past the first {warmup}: {run['output'][-2000:]}")
-    return rates
-
-
 def against_reference(args: argparse.Namespace) -> None:
     """`hierax train` against birder's train script: images/s of the training steps and peak memory."""
     from hierax.models.fastpath import native_half_dtypes
 
     amp = torch.bfloat16 in native_half_dtypes()
-    env = dict(os.environ, TQDM_DISABLE="1")
-    birder_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # birder's venv sees no hierax
     print(
         f"hieradet_d_small at {args.size}, batch {args.batch_size}, {args.warmup}+{args.steps} steps, "
         f"{args.workers} workers, bf16 autocast {amp}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
@@ -176,27 +158,8 @@ def against_reference(args: argparse.Namespace) -> None:
         root = Path(tmp)
         make_photos(root / "train", (args.warmup + args.steps) * args.batch_size, args.size)
         make_photos(root / "val", NUM_CLASSES, args.size)
-        commands = reference_commands(args, amp)
-        rates: dict[str, list[float]] = {"hierax": [], "birder": []}
-        runs: dict[str, list[dict]] = {"hierax": [], "birder": []}
-        for _ in range(args.rounds):
-            for name, cmd in commands.items():
-                run = run_measured(cmd, root, env if name == "hierax" else birder_env)
-                rates[name] += step_rates(name, run, root, args.warmup)
-                runs[name].append(run)
-    speed = {name: statistics.median(values) for name, values in rates.items()}
-    main_peak = {name: max(r["main_mib"] for r in done) for name, done in runs.items()}
-    tree_peak = {name: max(r["tree_mib"] for r in done) for name, done in runs.items()}
-    for name in runs:
-        print(
-            f"{name:6s}: {speed[name]:6.2f} images/s (median of {len(rates[name])} steps), "
-            f"main peak RSS {main_peak[name]:6.0f} MiB, tree peak PSS {tree_peak[name]:6.0f} MiB"
-        )
-    print(
-        f"hierax / birder: speed {speed['hierax'] / speed['birder']:.2f}x, "
-        f"main memory {main_peak['hierax'] / main_peak['birder']:.2f}x, "
-        f"tree memory {tree_peak['hierax'] / tree_peak['birder']:.2f}x, load {os.getloadavg()[0]:.1f}"
-    )
+        metrics = root / "hierax-run" / "metrics.jsonl"
+        compare_training(reference_commands(args, amp), root, metrics, args.warmup, args.rounds)
 
 
 def main() -> None:
