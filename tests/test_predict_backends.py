@@ -1,5 +1,6 @@
 """`hierax predict --backend`: ONNX Runtime and TorchScript give the torch backend's predictions."""
 
+import logging
 import time
 
 import numpy as np
@@ -87,3 +88,16 @@ def test_export_time_is_reported_apart(setup, hierax_home):
     assert first.export_seconds > 0
     again, info = load_with_backend(ckpt, "torchscript", size=(64, 64))
     assert again.export_seconds == 0.0 and info.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_inductor_backend_matches_torch_with_one_graph_for_a_partial_last_batch(setup, hierax_home, caplog):
+    ckpt, photos = setup
+    base = predict([photos], ckpt, top_k=4, batch_size=2, workers=0, progress=False)
+    with caplog.at_level(logging.INFO, logger="hierax.models.compiled"):
+        compiled = predict([photos], ckpt, top_k=4, batch_size=2, workers=0, progress=False, backend="inductor")
+    # 3 photos in batches of 2: the last batch of 1 is padded to 2 and runs through the same graph
+    compiles = [r.getMessage().split(" in ")[0] for r in caplog.records if r.name == "hierax.models.compiled"]
+    assert compiles == ["Compiled the model for input 2x3x64x64"]
+    assert [r["label_1"] for r in compiled.rows] == [r["label_1"] for r in base.rows]
+    assert np.abs(_probs(compiled) - _probs(base)).max() < 1e-4

@@ -28,7 +28,8 @@ from hierax.weights.paths import exports_dir
 
 logger = logging.getLogger(__name__)
 CONFIG_FIELDS = frozenset(f.name for f in fields(HieraDetConfig))
-BACKENDS = {"torch": None, "onnxruntime": "onnx", "torchscript": "torchscript"}  # backend -> the format it runs
+# backend -> the format it runs (None: a checkpoint or registry name, in torch)
+BACKENDS = {"torch": None, "inductor": None, "onnxruntime": "onnx", "torchscript": "torchscript"}
 
 
 def resolve_file(name_or_path: str | Path, *, progress: bool = True) -> tuple[Path, catalog.WeightsEntry | None]:
@@ -160,8 +161,9 @@ def load_with_backend(
     device: str | torch.device | None = None,
     size: tuple[int, int] | None = None,
 ) -> tuple[nn.Module | ExportedRunner, ModelInfo]:
-    """Load `model` (a registry name, checkpoint or exported file) to run on `backend`: torch, onnxruntime or
-    torchscript. A checkpoint or name is exported once (ONNX with dynamic batch and size; TorchScript at its
+    """Load `model` (a registry name, checkpoint or exported file) to run on `backend`: torch, inductor (torch with
+    the network compiled on its first batch: `hierax.models.compiled`), onnxruntime or torchscript. For the last
+    two, a checkpoint or name is exported once (ONNX with dynamic batch and size; TorchScript at its
     input size) into `$HIERAX_HOME/exports`, keyed by the source file, its size and time, and the input size.
     The runner's `export_seconds` says how long that export took in this call (0 when the file existed)."""
     if backend not in BACKENDS:
@@ -171,7 +173,12 @@ def load_with_backend(
     if fmt is None or is_exported(source):
         if fmt is not None and export_format_for(source) != fmt:
             raise HieraxError(f"{model} is a {export_format_for(source)} file; backend {backend} runs {fmt} files")
-        return load_pretrained_model(model, inference=True, device=device, new_size=size)
+        net, info = load_pretrained_model(model, inference=True, device=device, new_size=size)
+        if backend == "inductor":
+            from hierax.models.compiled import CompiledNet  # imported here: torch.compile is only needed here
+
+            net = CompiledNet(net)
+        return net, info
     net, info = load_pretrained_model(source, inference=True, new_size=size)
     target = _export_cache_file(source, info.size, fmt)
     seconds = 0.0
