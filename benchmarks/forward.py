@@ -8,8 +8,9 @@ on a shared machine hurts every contender alike):
 - `hierax-plain`: the same model on the plain path (fused attention kernel, position embedding recomputed each
   call, Linear layers through ATen's default), i.e. the code before the fast paths;
 - `hierax-bf16w` (bf16 only): weights and activations in bf16 instead of autocast;
-- `hierax-compile`, `hierax-bf16w-c` (--compile): torch.compile of the eager model and of the bf16-weights one,
-  with inductor's freezing on CPU (weights become constants: prepacked GEMMs with fused epilogues);
+- `hierax-compile`, `hierax-bf16w-c` (--compile): `--backend inductor`'s `CompiledNet` of the eager model and of
+  the bf16-weights one (torch.compile of the plain modules, with inductor's freezing on CPU: weights become
+  constants, prepacked GEMMs with fused epilogues);
 - `birder` (hieradet_d_small) and `timm` (sam2_hiera_small) when importable (install them in a separate
   virtualenv, never into hierax's environment).
 bf16 means autocast unless the name says otherwise. It also measures the machine's GEMM peak (square fp32 and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 
@@ -32,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hierax.models import create_model, fastpath
+from hierax.models.compiled import CompiledNet
 
 NUM_CLASSES = 1000
 
@@ -118,11 +121,10 @@ def contenders(args, size: int, dtype: str, device: torch.device) -> dict[str, C
         bf16_run = run(bf16, autocast=False)
         out["hierax-bf16w"] = lambda x: bf16_run(x.bfloat16())
     if args.compile:
-        # On CPU, inductor's freezing makes the weights constants: prepacked oneDNN GEMMs with fused epilogues.
-        torch._inductor.config.freezing = device.type == "cpu"
-        out["hierax-compile"] = run(torch.compile(net))
+        # what `--backend inductor` runs: the plain modules compiled, weights frozen into constants on CPU
+        out["hierax-compile"] = run(CompiledNet(copy.deepcopy(net)))
         if amp:
-            bf16_compiled = run(torch.compile(bf16), autocast=False)
+            bf16_compiled = run(CompiledNet(copy.deepcopy(bf16)), autocast=False)
             out["hierax-bf16w-c"] = lambda x: bf16_compiled(x.bfloat16())
     for name, ref in refs.items():
         out[name] = run(ref.eval().to(device))
