@@ -36,7 +36,8 @@ def resolve_model(
     backend: str = "torch",
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """(net, info) in eval mode from a name, a path, or an already loaded pair; `size` overrides info.size.
-    `backend` (torch, onnxruntime, torchscript) picks the runtime; see hierax.weights.load.load_with_backend."""
+    `backend` (torch, inductor, onnxruntime, torchscript) picks the runtime of a name or path (see
+    hierax.weights.load.load_with_backend); a loaded pair runs as it is."""
     size = check_size(size) if size is not None else None
     if isinstance(model, tuple):
         net, info = model
