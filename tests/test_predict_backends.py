@@ -79,6 +79,8 @@ def test_backend_cli_and_mismatch(setup, tmp_path, hierax_home):
     onnx_file = next((hierax_home / "exports").glob("*.onnx"))
     with pytest.raises(HieraxError, match="backend torchscript runs torchscript files"):
         load_with_backend(onnx_file, "torchscript")
+    with pytest.raises(HieraxError, match="backend inductor compiles checkpoints"):
+        load_with_backend(onnx_file, "inductor")
 
 
 def test_export_time_is_reported_apart(setup, hierax_home):

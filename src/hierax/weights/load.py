@@ -170,6 +170,8 @@ def load_with_backend(
         raise HieraxError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
     fmt = BACKENDS[backend]
     source, _ = resolve_file(model)
+    if backend == "inductor" and is_exported(source):
+        raise HieraxError(f"{model} is a {export_format_for(source)} file; backend inductor compiles checkpoints")
     if fmt is None or is_exported(source):
         if fmt is not None and export_format_for(source) != fmt:
             raise HieraxError(f"{model} is a {export_format_for(source)} file; backend {backend} runs {fmt} files")
