@@ -8,16 +8,14 @@ import json
 
 import pytest
 
+from hierax.interchange.classified import classified_document, read_classified, write_classified
 from hierax.interchange.events import capture_times
 from hierax.interchange.megadetector import (
     DetectionsFileError,
-    classified_document,
     local_path,
     parse_detections,
-    read_classified,
     read_detections,
     select_detections,
-    write_classified,
 )
 from hierax.interchange.results import answer
 

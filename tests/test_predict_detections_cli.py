@@ -13,7 +13,8 @@ import pytest
 
 from hierax.cli import main
 from hierax.inference import writers
-from hierax.interchange.megadetector import read_classified, read_detections
+from hierax.interchange.classified import read_classified
+from hierax.interchange.megadetector import read_detections
 from tests.data_fixtures import make_checkpoint
 
 from .interchange_support import (

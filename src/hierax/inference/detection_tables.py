@@ -22,6 +22,7 @@ from hierax.geo import GeoPrior
 from hierax.inference import formats
 from hierax.inference.predict import RunSummary
 from hierax.inference.rows import PredictionRows
+from hierax.interchange.classified import write_classified
 from hierax.interchange.events import (
     CaptureTime,
     camera_of,
@@ -31,7 +32,7 @@ from hierax.interchange.events import (
     group_events,
     summarise_events,
 )
-from hierax.interchange.megadetector import DetectionsFile, local_path, write_classified
+from hierax.interchange.megadetector import DetectionsFile, local_path
 from hierax.interchange.results import Classification
 from hierax.interchange.rows import summary_columns, summary_rows
 from hierax.weights.files import ModelInfo

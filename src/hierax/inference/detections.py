@@ -7,7 +7,7 @@ CropDataset that decodes each frame once in the workers, cuts out every selected
 capture time and place.
 
 Outputs, by the suffix of `output`:
-- `.json`: the MegaDetector file with hierax's classifications (hierax.interchange.megadetector.write_classified),
+- `.json`: the MegaDetector file with hierax's classifications (hierax.interchange.classified.write_classified),
   every input image kept, a failure entry for each frame that could not be read; written once, at the end of the
   run (so no --resume). Beside it `<stem>.events.csv`.
 - `.csv`, `.jsonl`, `.parquet`: one row per classified detection (hierax.interchange.rows.detection_columns),

@@ -42,6 +42,7 @@ from pathlib import Path
 from hierax.atomic import atomic_write
 from hierax.data.taxonomy import DEFAULT_THRESHOLDS, RANKS, Taxonomy
 from hierax.errors import HieraxError
+from hierax.interchange.classified import read_classified
 from hierax.interchange.events import (
     DEFAULT_EVENT_GAP_S,
     EventSummary,
@@ -54,7 +55,6 @@ from hierax.interchange.megadetector import (
     DetectionsFile,
     default_threshold,
     local_path,
-    read_classified,
     read_detections,
 )
 from hierax.interchange.results import Answer, answer
