@@ -94,6 +94,9 @@ def reference_commands(args: argparse.Namespace, batch: int, amp: bool) -> dict[
     birder += ["--local-crops-number", str(args.local_crops), "--dino-out-dim", str(args.prototypes)]
     birder += ["--ibot-out-dim", str(args.prototypes), "--ibot-separate-head", "--centering", "sinkhorn_knopp"]
     birder += ["--opt", "adamw", "--lr", "1e-4", "--warmup-teacher-temp-epochs", "0", "-j", str(args.workers)]
+    # birder freezes the prototypes for its first epoch by default, i.e. for all of a one-epoch run (no gradients,
+    # no AdamW moments); hierax freezes them for its first 10% of steps, so birder trains them from the start
+    birder += ["--freeze-last-layer-epochs", "0"]
     birder += ["--log-interval", "1"]
     birder += ["--non-interactive", "--no-summary", *(["--amp", "--amp-dtype", "bfloat16"] if amp else [])]
     return {"hierax": hierax, "birder": birder}
