@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -85,6 +86,8 @@ def compare_training(commands: dict[str, list[str]], root: Path, metrics: Path, 
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     for _ in range(rounds):
         for name, cmd in commands.items():
+            if name == "hierax":  # a new run each round: hierax refuses to start over an earlier run's state
+                shutil.rmtree(metrics.parent, ignore_errors=True)
             run = run_measured(cmd, root, envs[name])
             rates[name] += step_rates(name, run, metrics, warmup)
             runs[name].append(run)
