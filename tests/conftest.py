@@ -1,8 +1,10 @@
-"""Shared fixtures: the reference fill rule, tiny models, real photos and a local HTTP server."""
+"""Shared fixtures: the reference fill rule, tiny models, real photos, a local HTTP server and the CLI in-process."""
 
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hierax.cli import main
 from hierax.weights import catalog
 
 DATA = Path(__file__).parent / "data"
@@ -126,3 +129,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(capsys, one_thread):
+    """`hierax ARGS` run in this process, as a finished subprocess (returncode, stdout, stderr, its log lines
+    included), at none of a fresh interpreter's start-up: importing torch alone takes seconds on a loaded machine.
+    Keep real subprocesses for what only a process shows (signals, torchrun, the installed entry point)."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        root.handlers.clear()  # so the command's logging.basicConfig writes to the captured stderr, as in a process
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # argparse's usage errors
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err, out.err
+        return subprocess.CompletedProcess(["hierax", *argv], code, out.out, out.err)
+
+    return run

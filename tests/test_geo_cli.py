@@ -58,31 +58,29 @@ def test_fit_writes_a_prior_and_reports_what_it_skipped(fitted_prior):
     assert prior.uses_date and prior.num_classes == 32 and prior.fit_summary["used"] == 2000
 
 
-def test_info_describes_the_prior(fitted_prior):
+def test_info_describes_the_prior(fitted_prior, cli):
     output, _ = fitted_prior
-    text = hierax("geoprior", "info", output)
+    text = cli("geoprior", "info", output)
     assert text.returncode == 0 and "location and date" in text.stdout and "classes_with_records: 32" in text.stdout
-    info = json.loads(hierax("geoprior", "info", output, "--json").stdout)
+    info = json.loads(cli("geoprior", "info", output, "--json").stdout)
     assert info["classes"] == 32 and info["hyperparameters"]["epochs"] == 2 and info["file_size_mib"] > 0
 
 
-def test_map_draws_a_species_by_binomial_or_common_name(fitted_prior, tmp_path):
+def test_map_draws_a_species_by_binomial_or_common_name(fitted_prior, tmp_path, cli):
     output, _ = fitted_prior
     for species in ("Genus0 summer1", "Bird 1"):
         png = tmp_path / "map.png"
-        done = hierax("geoprior", "map", output, "--species", species, "--output", png, "--date", "2021-07-01")
+        done = cli("geoprior", "map", output, "--species", species, "--output", png, "--date", "2021-07-01")
         assert done.returncode == 0, done.stderr
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size[0] >= 800
-    missing = hierax("geoprior", "map", output, "--species", "Dodo", "--output", tmp_path / "x.png")
+    missing = cli("geoprior", "map", output, "--species", "Dodo", "--output", tmp_path / "x.png")
     assert missing.returncode == 1 and "no species 'Dodo'" in missing.stderr and "Traceback" not in missing.stderr
-    bad_date = hierax(
-        "geoprior", "map", output, "--species", "Bird 1", "--output", tmp_path / "x.png", "--date", "July"
-    )
+    bad_date = cli("geoprior", "map", output, "--species", "Bird 1", "--output", tmp_path / "x.png", "--date", "July")
     assert bad_date.returncode == 1 and "YYYY-MM-DD" in bad_date.stderr
 
 
-def test_bad_inputs_get_one_line_errors(world_files, tmp_path):
+def test_bad_inputs_get_one_line_errors(world_files, tmp_path, cli):
     tmp, annotations, classes = world_files
     out = tmp_path / "p.safetensors"
     (tmp_path / "other.txt").write_text("Alces alces\nUrsus arctos\n")
@@ -96,7 +94,7 @@ def test_bad_inputs_get_one_line_errors(world_files, tmp_path):
         "not a readable safetensors file": ("info", annotations),
     }
     for message, args in cases.items():
-        done = hierax("geoprior", *args)
+        done = cli("geoprior", *args)
         assert done.returncode == 1, (message, done.stdout, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
@@ -108,16 +106,18 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_weights(world_files, tmp_path):
+def test_resume_after_sigkill_gives_the_same_weights(world_files, tmp_path, cli):
     _, annotations, classes = world_files
     common = ["--model", classes, "--epochs", 3, "--batch-size", 16, "--checkpoint-every", 5, "--quiet"]
     whole = tmp_path / "whole.safetensors"
-    assert hierax("geoprior", "fit", annotations, "--output", whole, *common).returncode == 0
+    assert cli("geoprior", "fit", annotations, "--output", whole, *common).returncode == 0
 
     cut = tmp_path / "cut.safetensors"
     state = state_path_for(cut)
     cmd = [sys.executable, "-m", "hierax", "geoprior", "fit", str(annotations), "--output", str(cut), *map(str, common)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # one thread, as the in-process runs (the `cli` fixture), so the weights can match bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 240
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -127,11 +127,11 @@ def test_resume_after_sigkill_gives_the_same_weights(world_files, tmp_path):
     saved = torch.load(state, weights_only=True)
     assert 0 < saved["step"] < saved["total_steps"]  # killed mid-run
 
-    resumed = hierax("geoprior", "fit", annotations, "--output", cut, *common, "--resume")
+    resumed = cli("geoprior", "fit", annotations, "--output", cut, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(whole), _weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not state.exists()
 
-    again = hierax("geoprior", "fit", annotations, "--output", cut, *common)
+    again = cli("geoprior", "fit", annotations, "--output", cut, *common)
     assert again.returncode == 0  # a finished fit leaves no state behind, so a new run starts cleanly

@@ -223,7 +223,7 @@ def hierax(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_command_line(setup, tmp_path):
+def test_the_command_line(setup, tmp_path, cli, monkeypatch):
     root, checkpoint, species_file, _, _ = setup
     out = tmp_path / "preds.jsonl"
     done = hierax(
@@ -247,12 +247,13 @@ def test_the_command_line(setup, tmp_path):
         f"{n}{j}" for n in sorted(STRANGERS) for j in range(3)
     ]
     other = ambiguous_checkpoint(tmp_path / "other.safetensors", seed=1)
+    monkeypatch.setenv("HIERAX_OFFLINE", "1")
     for args, message in [
         (("--model", other, "--extra-species", species_file), "made by another model"),
         (("--model", checkpoint, "--only-extra"), "give --extra-species"),
         (("--model", checkpoint, "--unknown-threshold", 2), "expected a probability in [0, 1]"),
     ]:
-        refused = hierax("predict", root / "queries", *args, "--quiet")
+        refused = cli("predict", root / "queries", *args, "--quiet")
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, (
             refused.stderr
         )

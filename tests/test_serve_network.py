@@ -9,7 +9,6 @@ import hashlib
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -171,12 +170,11 @@ def test_prior_similar_photos_and_species_over_http(guarded, files):
         assert httpx.get(guarded.url + first["thumbnail"]).status_code == 401  # a thumbnail needs a key too
 
 
-def test_files_of_another_model_or_bad_flags_stop_the_start(files):
+def test_files_of_another_model_or_bad_flags_stop_the_start(files, cli):
     root, _, other, _, keys, _ = files
 
     def start(*args) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "hierax", "serve", "--device", "cpu", "--port", "9", *map(str, args)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        return cli("serve", "--device", "cpu", "--port", "9", *args)
 
     for args, message in (
         (["--model", other, "--index", root / "index"], "was made by another model"),
