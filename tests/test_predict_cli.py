@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from hierax.cli import main
 from hierax.inference import writers
 from hierax.inference.predict import predict
 from tests.data_fixtures import CLASS_NAMES, make_checkpoint, make_inat_dataset, write_bad_files, write_image
@@ -31,7 +30,7 @@ def setup(tmp_path_factory):
     return root, json_path, bad, checkpoint
 
 
-def test_predict_and_embed_cli(setup, capsys):
+def test_predict_and_embed_cli(setup, cli):
     root, json_path, bad, checkpoint = setup
     extra = write_image(root / "extra" / "one.webp", 5)
     listing = root / "list.txt"
@@ -65,14 +64,8 @@ def test_predict_and_embed_cli(setup, capsys):
     assert all(r["label_1"] in CLASS_NAMES for r in rows)
     assert {p for p, _ in writers.read_errors(root / "pred.errors.csv")} == set(bad)
 
-    def cli(*args) -> tuple[int, str, str]:
-        """The same command line in this process (cheaper than a subprocess on a loaded machine)."""
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
     common = ["--model", checkpoint, "--workers", "0", "--quiet"]
-    code, _, err = cli(
+    done = cli(
         "predict",
         root / "ds" / "val",
         *common,
@@ -87,19 +80,21 @@ def test_predict_and_embed_cli(setup, capsys):
         "--common-names",
         json_path,
     )
-    assert code == 0 and "8 skipped" in err, err
-    code, _, err = cli("predict", extra, *common, "--species-list", listing)
-    assert code == 1 and "species list" in err
-    code, _, err = cli("predict", root / "bad", *common)
-    assert code == 1 and f"0 ok, {len(bad)} failed" in err
+    assert done.returncode == 0 and "8 skipped" in done.stderr, done.stderr
+    done = cli("predict", extra, *common, "--species-list", listing)
+    assert done.returncode == 1 and "species list" in done.stderr
+    done = cli("predict", root / "bad", *common)
+    assert done.returncode == 1 and f"0 ok, {len(bad)} failed" in done.stderr
     image = root / "ds" / "val" / CLASS_NAMES[0] / "0000.jpg"
-    code, out_text, _ = cli("predict", image, *common, "--top-k", "1")
-    lines = out_text.splitlines()
-    assert code == 0 and lines[0].startswith("path,label_1,prob_1,kingdom") and lines[1].startswith(str(image))
-    code, _, err = cli("predict", image, "--model", root / "nope.pt")
-    assert code == 1 and "nope.pt" in err
-    code, _, err = cli("embed", root / "ds", *common, "--output", root / "emb.npy", "--features", "stage4")
-    assert code == 0, err
+    done = cli("predict", image, *common, "--top-k", "1")
+    lines = done.stdout.splitlines()
+    assert (
+        done.returncode == 0 and lines[0].startswith("path,label_1,prob_1,kingdom") and lines[1].startswith(str(image))
+    )
+    done = cli("predict", image, "--model", root / "nope.pt")
+    assert done.returncode == 1 and "nope.pt" in done.stderr
+    done = cli("embed", root / "ds", *common, "--output", root / "emb.npy", "--features", "stage4")
+    assert done.returncode == 0, done.stderr
     assert np.load(root / "emb.npy").shape == (8, 128) and np.load(root / "emb.stage4.npy").shape == (8, 128)
 
 
