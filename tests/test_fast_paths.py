@@ -300,16 +300,24 @@ def test_bfloat16_weights_and_autocast_track_fp32():
     assert (bf16 - ref).abs().max().item() <= BF16_REL_TOL * scale
 
 
-def test_torch_compile_captures_the_same_graph():
-    """torch.compile's graph capture (the position embedding is recomputed inside the graph, not cached).
-    The aot_eager backend keeps this fast on CPU; inductor's kernels are PyTorch's to test."""
+@pytest.mark.parametrize("amx", [None, False, True])
+def test_torch_compile_captures_one_graph(monkeypatch, amx):
+    """torch.compile captures the network whole (fullgraph: no CPU probe inside it, the position embedding
+    recomputed in the graph, not cached), in fp32 and in bf16, where attention is chosen by the AMX policy
+    (None: this CPU's own probe). The aot_eager backend keeps this fast on CPU; inductor's kernels are
+    PyTorch's to test."""
+    if amx is not None:
+        monkeypatch.setattr(fastpath, "has_amx", lambda: amx)
+    monkeypatch.setattr(fastpath, "native_half_dtypes", lambda: frozenset({torch.bfloat16}))
     net = _tiny()
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+    with fast_path(), torch.no_grad():
         ref = net(x)
-        compiled = torch.compile(net, backend="aot_eager", dynamic=False)
+        compiled = torch.compile(net, backend="aot_eager", dynamic=False, fullgraph=True)
         assert (compiled(x) - ref).abs().max().item() <= FP32_TOL
         assert (compiled(x[:1]) - ref[:1]).abs().max().item() <= FP32_TOL
+        half = torch.compile(net.bfloat16(), backend="aot_eager", dynamic=False, fullgraph=True)
+        assert (half(x.bfloat16()).float() - ref).abs().max().item() <= BF16_REL_TOL * ref.abs().max().item()
 
 
 def test_fast_path_off_takes_every_plain_path():

@@ -92,6 +92,7 @@ class _Policy:
     linear_dtypes: frozenset[torch.dtype]  # Linear calls oneDNN for inputs in these
     matmul_attention: bool | None  # forced form: True two matmuls, False the fused kernel; None: by dtype
     matmul_dtypes: frozenset[torch.dtype]  # unless forced, two matmuls on CPU for these (native half dtypes)
+    amx: bool  # AMX tiles: long sequences take the fused kernel even in these
 
 
 _policy: _Policy | None = None  # None until first use (a Linear built, or attention called): then HIERAX_FAST_PATH
@@ -103,9 +104,10 @@ def _make_policy(
     if not enabled:
         if linear_dtypes is not None or matmul_attention is not None:
             raise ValueError("linear_dtypes and matmul_attention choose among the fast paths: leave them unset")
-        return _Policy(False, frozenset(), False, frozenset())
+        return _Policy(False, frozenset(), False, frozenset(), False)
     dtypes = onednn_linear_dtypes() if linear_dtypes is None else frozenset(linear_dtypes)
-    return _Policy(True, dtypes, matmul_attention, native_half_dtypes())
+    # Every probe runs here, outside any graph torch.compile traces: a file read inside one breaks the graph.
+    return _Policy(True, dtypes, matmul_attention, native_half_dtypes(), has_amx())
 
 
 def _current() -> _Policy:
@@ -177,7 +179,7 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
         return policy.matmul_attention
     if q.device.type != "cpu" or q.dtype not in policy.matmul_dtypes:
         return False
-    if has_amx() and k.shape[2] > _AMX_MATMUL_ATTENTION_MAX_TOKENS:
+    if policy.amx and k.shape[2] > _AMX_MATMUL_ATTENTION_MAX_TOKENS:
         return False
     return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _CPU_MATMUL_ATTENTION_MAX
 
