@@ -96,6 +96,8 @@ def run_size(net: torch.nn.Module, size: int, images: dict, args: argparse.Names
                 fn(x)
             for _ in range(args.rounds):
                 for name, fn in contenders.items():
+                    # an untimed call first: ONNX Runtime's threads spin on after a run and would slow the next one
+                    fn(x)
                     start = time.perf_counter()
                     fn(x)
                     best[name] = min(best[name], time.perf_counter() - start)
