@@ -19,6 +19,8 @@ DataLoader workers), sampled every 0.2 s.
 
     python benchmarks/predict.py --against-reference /work/birder-venv/bin/python --sizes 224 384 \
         --batch-sizes 8 32 --images 200 --workers 2 --rounds 2
+    python benchmarks/predict.py --against-reference ... --hierax-args=--amp \
+        --reference-args="--amp --amp-dtype bfloat16"        # "=": the values start with dashes
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -81,6 +84,8 @@ def against_reference(args: argparse.Namespace) -> int:
         f"{args.network} ({args.num_classes} classes), {args.images} JPEGs of {args.long_side} px, "
         f"{args.workers} workers, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         f"{args.rounds} alternating rounds (best wall, largest memory)"
+        + (f"; hierax {args.hierax_args!r}" if args.hierax_args else "")
+        + (f"; birder {args.reference_args!r}" if args.reference_args else "")
     )
     env = dict(os.environ)
     birder_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # birder's venv sees no hierax
@@ -116,6 +121,7 @@ def against_reference(args: argparse.Namespace) -> int:
                         "--quiet",
                         "-o",
                         str(root / "out.csv"),
+                        *shlex.split(args.hierax_args),
                         "images",
                     ],
                     "birder": [
@@ -129,6 +135,7 @@ def against_reference(args: argparse.Namespace) -> int:
                         *common,
                         "-j",
                         str(args.workers),
+                        *shlex.split(args.reference_args),
                         "images",
                     ],
                 }
@@ -165,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="with --against-reference")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="with --against-reference")
     parser.add_argument("--rounds", type=int, default=1, help="with --against-reference")
+    parser.add_argument("--hierax-args", default="", help="with --against-reference: more options for hierax predict")
+    parser.add_argument(
+        "--reference-args", default="", help="with --against-reference: more options for birder's predict script"
+    )
     args = parser.parse_args(argv)
     if args.against_reference:
         return against_reference(args)
