@@ -93,8 +93,8 @@ def test_attention_policy():
 @pytest.mark.parametrize("amx", [False, True])
 def test_with_amx_or_autograd_long_sequences_take_the_fused_kernel(monkeypatch, amx):
     """With AMX tiles the fused kernel is faster in bf16 past the smallest windows (benchmarks/README.md); without,
-    every bf16 shape of the model takes two matmuls where bf16 is native, except in training: past 64 tokens the
-    saved score matrices would cost more memory than the fused kernel's backward costs time."""
+    every bf16 shape of the model takes two matmuls where bf16 is native, except in training: past 16 tokens two
+    matmuls would raise a step's peak memory above the fused kernel's."""
     monkeypatch.setattr(fastpath, "has_amx", lambda: amx)
     monkeypatch.setattr(fastpath, "native_half_dtypes", lambda: frozenset({torch.bfloat16}))
     with fast_path():
@@ -103,8 +103,10 @@ def test_with_amx_or_autograd_long_sequences_take_the_fused_kernel(monkeypatch, 
         assert fastpath.use_matmul_attention(window, window)
         assert fastpath.use_matmul_attention(global_, global_) is not amx
         assert not fastpath.use_matmul_attention(global_.float(), global_.float())
+        stage2 = torch.zeros(576, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True)  # 4x4 windows
         window, global_ = window.requires_grad_(), global_.requires_grad_()
-        assert fastpath.use_matmul_attention(window, window) and not fastpath.use_matmul_attention(global_, global_)
+        assert fastpath.use_matmul_attention(stage2, stage2), "training: 16-token windows take two matmuls"
+        assert not fastpath.use_matmul_attention(window, window) and not fastpath.use_matmul_attention(global_, global_)
 
 
 def test_position_embedding_cache_matches_and_follows_weights():

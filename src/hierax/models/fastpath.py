@@ -38,9 +38,11 @@ _OFF_VALUES = ("0", "false", "no", "off")
 # Above this many attention scores (batch * heads * queries * keys) the CPU uses the fused kernel, whose memory
 # does not grow with the score matrix.
 _CPU_MATMUL_ATTENTION_MAX = 1 << 26
-# Past a small window's length, the fused kernel: with AMX its bf16 tile GEMMs beat two matmuls; when autograd
-# records, two matmuls would keep each block's score matrices (fp32 under autocast) for the backward pass.
-_LONG_SEQUENCE_TOKENS = 64
+# With AMX, the fused kernel's bf16 tile GEMMs beat two matmuls once a sequence is longer than a small window.
+_AMX_MATMUL_ATTENTION_MAX_TOKENS = 64
+# In training, two matmuls save time at every length, but from 64-token windows up a step's peak memory rises
+# above the fused kernel's; up to 16 tokens it falls below it.
+_TRAINING_MATMUL_ATTENTION_MAX_TOKENS = 16
 
 
 # ---- what this CPU computes natively (probed once, on first use) ----
@@ -172,9 +174,9 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     Exported and traced graphs always do (ONNX Runtime runs it well). On CPU in bf16/fp16 with native kernels the
     CPU fused kernel is much slower than two bf16 matmuls and a softmax for this model's shapes, except with AMX,
     where it is faster past the smallest windows; where bf16 is emulated (AVX2-only x86) the fused kernel, which
-    accumulates in fp32, is faster; in fp32 it is as fast or faster, and on CUDA it is the fast path. In training
-    only windows of up to 64 tokens take two matmuls: past that their saved score matrices cost more memory than
-    the fused kernel's backward costs time."""
+    accumulates in fp32, is faster; in fp32 it is as fast or faster, and on CUDA it is the fast path. When autograd
+    records, only windows of up to 16 tokens take two matmuls: longer ones would raise a training step's peak
+    memory above the fused kernel's."""
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
     policy = _current()
@@ -182,7 +184,9 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
         return policy.matmul_attention
     if q.device.type != "cpu" or q.dtype not in policy.matmul_dtypes:
         return False
-    if (policy.amx or (torch.is_grad_enabled() and q.requires_grad)) and k.shape[2] > _LONG_SEQUENCE_TOKENS:
+    if policy.amx and k.shape[2] > _AMX_MATMUL_ATTENTION_MAX_TOKENS:
+        return False
+    if torch.is_grad_enabled() and q.requires_grad and k.shape[2] > _TRAINING_MATMUL_ATTENTION_MAX_TOKENS:
         return False
     return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _CPU_MATMUL_ATTENTION_MAX
 
