@@ -253,18 +253,22 @@ class Linear(nn.Linear):
         return None
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias in `dtype`. A cast (autocast over fp32 weights) is made once and kept, packed in
-        oneDNN's layout; packing a weight already in `dtype` would double its memory for little gain."""
+        """Weight and bias in `dtype`. A cast (autocast over fp32 weights) is kept, packed in oneDNN's layout, from
+        the second call that finds the weights unchanged; weights that change between calls (a DINOv2 teacher,
+        updated every step) are cast per call, as autocast does, rather than held twice. Packing a weight
+        already in `dtype` would double its memory for little gain."""
         weight = self.weight
         if weight.dtype == dtype:
             return weight, self.bias
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
         per_dtype = _CAST_WEIGHTS.setdefault(self, {})
         entry = per_dtype.get(dtype)
-        if entry is None or entry[0] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
-            bias = None if self.bias is None else self.bias.detach().to(dtype)
-            entry = per_dtype[dtype] = (key, packed, bias)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        if entry is None or entry[0] != key:  # new or changed weights: cast for this call, remember the version
+            per_dtype[dtype] = (key, None, None)
+            return weight.detach().to(dtype), bias
+        if entry[1] is None:  # unchanged since the last call: keep the cast
+            entry = per_dtype[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)), bias)
         return entry[1], entry[2]
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
