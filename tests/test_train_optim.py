@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hierax.errors import HieraxError
-from hierax.models import create_model
+from hierax.models import create_model, fastpath
 from hierax.training import optim
 from hierax.training.ema import ModelEMA
 from hierax.training.loader import EpochBatchSampler, SeededSamples
@@ -78,6 +78,23 @@ def test_ema_of_a_short_run_tracks_the_model():
             ema.update(net, optim.ema_decay_at(step, total))
     # an EMA with a fixed decay of 0.9999 would still sit near 0 after 250 steps
     assert ema.module.weight.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.skipif(
+    torch.bfloat16 not in fastpath.onednn_linear_dtypes(), reason="this CPU keeps no bf16 casts (no native bf16)"
+)
+def test_ema_update_drops_the_casts_an_evaluation_kept():
+    """An evaluation of the EMA model under bf16 autocast keeps packed casts of its Linear weights; the next update
+    changes those weights, so it drops the casts rather than hold them through the training steps that follow."""
+    net = _tiny()
+    ema = ModelEMA(net)
+    layers = [m for m in ema.module.modules() if isinstance(m, fastpath.Linear)]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            ema.module(torch.randn(1, 3, 32, 32))
+    assert all(fastpath._CAST_WEIGHTS[m][torch.bfloat16][1] is not None for m in layers), "kept by the evaluation"
+    ema.update(net, 0.5)
+    assert not any(m in fastpath._CAST_WEIGHTS for m in layers)
 
 
 def test_data_order_is_shared_between_one_and_two_processes():

@@ -281,6 +281,13 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, attr, [], algorithm)
 
 
+def release_casts(module: nn.Module) -> None:
+    """Drop the casts kept for `module`'s Linear layers: call it after updating their weights in place (an EMA
+    step), so that casts of the old weights are not held until each layer's next call."""
+    for layer in module.modules():
+        _CAST_WEIGHTS.pop(layer, None)
+
+
 class Mlp(nn.Sequential):
     """Linear, GELU, dropout, Linear (state-dict names 0 and 3); on the oneDNN path GELU runs inside the first."""
 

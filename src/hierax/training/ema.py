@@ -8,6 +8,8 @@ import copy
 import torch
 from torch import nn
 
+from hierax.models.fastpath import release_casts
+
 
 class ModelEMA:
     """An exponential moving average of a module's parameters (buffers copied): avg = d * avg + (1 - d) * param."""
@@ -23,6 +25,7 @@ class ModelEMA:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buf, buf in zip(self.module.buffers(), module.buffers(), strict=True):
             ema_buf.copy_(buf)
+        release_casts(self.module)  # bf16 casts kept by the last evaluation are of the old weights
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
