@@ -263,13 +263,15 @@ class Linear(nn.Linear):
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
         per_dtype = _CAST_WEIGHTS.setdefault(self, {})
         entry = per_dtype.get(dtype)
+        if entry is not None and entry[0] == key and entry[1] is not None:
+            return entry[1], entry[2]
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         if entry is None or entry[0] != key:  # new or changed weights: cast for this call, remember the version
             per_dtype[dtype] = (key, None, None)
             return weight.detach().to(dtype), bias
-        if entry[1] is None:  # unchanged since the last call: keep the cast
-            entry = per_dtype[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)), bias)
-        return entry[1], entry[2]
+        # unchanged since the last call: keep the cast
+        per_dtype[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)), bias)
+        return per_dtype[dtype][1], bias
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         dtype = self.onednn_dtype(x)
