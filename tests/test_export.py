@@ -2,6 +2,7 @@
 model's outputs within 1e-4 (fp32) at 224, 256, 384 and a non-square size, with the ModelInfo inside the file."""
 
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import hierax
 from hierax.cli import main
 from hierax.errors import HieraxError
-from hierax.export import export_model, load_exported, quantize_onnx, read_export_metadata
+from hierax.export import export_model, load_exported, quantize_onnx, read_export_metadata, runners, write
 from hierax.inference.classification import infer_batch
 from hierax.models import create_model
 from hierax.weights.files import ModelInfo, write_checkpoint
@@ -183,10 +184,42 @@ def test_int8_quantisation(tmp_path, onnx_dynamic, fmt):
         assert (dynamic_int8(x) - got).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_weight_bits_follow_the_cpu_and_are_written_into_the_file(tmp_path, onnx_dynamic, monkeypatch, vnni):
+    """7-bit weights where ONNX Runtime's kernels would saturate 8-bit ones (x86 without VNNI), 8 with VNNI."""
+    _, _, fp32_onnx = onnx_dynamic
+    monkeypatch.setattr(write, "has_vnni", lambda: vnni)
+    path = quantize_onnx(fp32_onnx, tmp_path / "auto.int8.onnx")
+    assert read_export_metadata(path)[1]["int8_weight_bits"] == (8 if vnni else 7)
+    with pytest.raises(HieraxError, match="7 or 8"):
+        quantize_onnx(fp32_onnx, tmp_path / "six.int8.onnx", weight_bits=6)
+
+
+def test_an_8_bit_int8_file_warns_on_a_cpu_without_vnni(tmp_path, onnx_dynamic, monkeypatch, caplog):
+    net, _, fp32_onnx = onnx_dynamic
+    seven = quantize_onnx(fp32_onnx, tmp_path / "seven.int8.onnx", weight_bits=7)
+    eight = quantize_onnx(fp32_onnx, tmp_path / "eight.int8.onnx", weight_bits=8)
+    x = torch.randn(2, 3, 64, 64)
+    logits, _ = _eager(net, x)
+    for path in (seven, eight) if write.has_vnni() else (seven,):  # 8-bit weights are exact only with VNNI
+        assert (load_exported(path)[0](x) - logits).abs().max().item() <= 0.1 * logits.abs().max().item()
+    monkeypatch.setattr(runners, "has_vnni", lambda: False)
+    monkeypatch.setattr(runners, "_is_x86", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="hierax.export.runners"):
+        caplog.clear()  # ONNX Runtime's quantiser logs its own advice
+        load_exported(seven)
+        assert not [r for r in caplog.records if r.name == "hierax.export.runners"]
+        load_exported(eight)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "hierax.export.runners"]
+    assert "VNNI" in warning and "quantise it again" in warning
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"fmt": "pt2", "quantize": "int8"}, "int8"),
+        ({"fmt": "onnx", "int8_weight_bits": 8}, "int8 weight bits"),
+        ({"fmt": "torchscript", "quantize": "int8", "int8_weight_bits": 8}, "int8 weight bits"),
         ({"fmt": "torchscript", "dynamic_size": True}, "TorchScript"),
         ({"fmt": "onnx", "dtype": "bfloat16"}, "float32"),
         ({"fmt": "gif"}, "unknown export format"),

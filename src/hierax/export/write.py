@@ -24,7 +24,7 @@ from torch import nn
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
 from hierax.export.metadata import DTYPES, METADATA_FILE, export_metadata, read_export_metadata, set_onnx_metadata
-from hierax.models.fastpath import to_plain
+from hierax.models.fastpath import has_vnni, to_plain
 from hierax.weights.files import ModelInfo, write_checkpoint
 from hierax.weights.formats import EXPORT_FORMATS, export_format_for
 
@@ -107,10 +107,12 @@ def export_model(
     dynamic_size: bool = False,
     dtype: str = "float32",
     quantize: str | None = None,
+    int8_weight_bits: int | None = None,
 ) -> Path:
     """Write `net` (with `info` inside the file) to `path` in format `fmt` (default: from the suffix).
 
-    The example input has the signature's size (info.size). Returns the path written (atomically)."""
+    The example input has the signature's size (info.size). An ONNX int8 file's weights have `int8_weight_bits`
+    (7 or 8; default: 8 on a CPU with VNNI, else 7). Returns the path written (atomically)."""
     path = Path(path)
     if not isinstance(net, nn.Module):
         raise HieraxError("export starts from a checkpoint (.pt, .safetensors) or a registered name, not an export")
@@ -123,6 +125,8 @@ def export_model(
         raise HieraxError(f"unknown quantisation '{quantize}': the only choice is int8")
     if quantize and fmt not in QUANTIZE_FORMATS:
         raise HieraxError(f"int8 quantisation is available for {' and '.join(QUANTIZE_FORMATS)}, not {fmt}")
+    if int8_weight_bits is not None and not (quantize and fmt == "onnx"):
+        raise HieraxError("int8 weight bits are for ONNX int8 exports (--quantize int8, an .onnx file)")
     if quantize and dtype != "float32":
         raise HieraxError("int8 quantisation starts from a float32 model: leave --dtype at float32")
     if fmt == "onnx" and dtype != "float32":
@@ -140,6 +144,8 @@ def export_model(
         return write_checkpoint(path, state, info)
 
     options = {"format": fmt, "dtype": dtype, "quantize": quantize}
+    if quantize and fmt == "onnx":
+        options["int8_weight_bits"] = _check_weight_bits(int8_weight_bits)
     options.update(dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     if fmt == "pt2" and dynamic_size:
         options.update(size_multiple=PT2_SIZE_MULTIPLE, min_side=PT2_MIN_SIDE)
@@ -187,20 +193,27 @@ def _write_onnx(
         )
         if meta["export"]["quantize"] == "int8":
             quantized = Path(tmpdir) / "model.int8.onnx"
-            _quantize_onnx_graph(plain, quantized)
+            _quantize_onnx_graph(plain, quantized, meta["export"]["int8_weight_bits"])
             plain = quantized
         model = onnx.load(str(plain))
     set_onnx_metadata(model, meta)
     onnx.save(model, out)
 
 
-def _quantize_onnx_graph(src: Path, dst: Path) -> None:
-    """ONNX Runtime dynamic int8 quantisation of the MatMuls with constant weights (the Linear layers of the
-    blocks); attention's activation-by-activation MatMuls and the classifier (a Gemm) stay float.
+def int8_weight_bits() -> int:
+    """The bits of an ONNX int8 file's weights when none are asked for: 8 on a CPU with VNNI, else 7.
 
-    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only) the u8 x s8 kernels add pairs of
-    products in 16 bits and saturate on 8-bit weights; 7 bits avoid it (figures in benchmarks/README.md, int8).
-    torch's dynamic Linear avoids it likewise (7-bit activations)."""
+    On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits and
+    saturate on 8-bit weights; 7 bits (reduce_range) avoid it. With VNNI, 8 bits keep the network closer to fp32
+    at the same speed (figures in benchmarks/README.md, int8). The choice is written into the file, and loading an
+    8-bit file on a CPU without VNNI warns."""
+    return 8 if has_vnni() else 7
+
+
+def _quantize_onnx_graph(src: Path, dst: Path, weight_bits: int) -> None:
+    """ONNX Runtime dynamic int8 quantisation of the MatMuls with constant weights (the Linear layers of the
+    blocks), weights in `weight_bits` (7 or 8); attention's activation-by-activation MatMuls and the classifier
+    (a Gemm) stay float. torch's dynamic Linear avoids the saturation with 7-bit activations instead."""
     import onnx  # optional dependencies (the onnx extra), needed only for ONNX files
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -213,22 +226,31 @@ def _quantize_onnx_graph(src: Path, dst: Path) -> None:
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=linear,
-        reduce_range=True,
+        reduce_range=weight_bits == 7,
     )
 
 
-def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
-    """int8-quantise a float32 ONNX file that hierax exported, keeping its metadata (no second export)."""
+def _check_weight_bits(weight_bits: int | None) -> int:
+    bits = int8_weight_bits() if weight_bits is None else weight_bits
+    if bits not in (7, 8):
+        raise HieraxError(f"int8 weights have 7 or 8 bits, not {bits}")
+    return bits
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, weight_bits: int | None = None) -> Path:
+    """int8-quantise a float32 ONNX file that hierax exported, keeping its metadata (no second export); weights
+    in `weight_bits` (default: `int8_weight_bits()`)."""
     import onnx  # an optional dependency (the onnx extra), needed only for ONNX files
 
     src, dst = Path(src), Path(dst)
+    bits = _check_weight_bits(weight_bits)
     info, options = read_export_metadata(src)
     if options.get("quantize"):
         raise HieraxError(f"{src} is already quantised ({options['quantize']})")
     with tempfile.TemporaryDirectory(prefix="hierax-onnx-") as tmpdir:
         quantized = Path(tmpdir) / "model.int8.onnx"
-        _quantize_onnx_graph(src, quantized)
+        _quantize_onnx_graph(src, quantized, bits)
         model = onnx.load(str(quantized))
-    set_onnx_metadata(model, export_metadata(info, {**options, "quantize": "int8"}))
+    set_onnx_metadata(model, export_metadata(info, {**options, "quantize": "int8", "int8_weight_bits": bits}))
     atomic_write(dst, lambda tmp: onnx.save(model, tmp))
     return dst

@@ -58,15 +58,26 @@ def native_half_dtypes() -> frozenset[torch.dtype]:
 
 
 @functools.cache
-def has_amx() -> bool:
-    """Whether this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later), read from the kernel's CPU flags
-    (Linux); False where they cannot be read."""
+def cpu_flags() -> frozenset[str]:
+    """The kernel's CPU flags (Linux's /proc/cpuinfo); empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
+            return frozenset(next((line for line in fh if line.startswith("flags")), "").partition(":")[2].split())
     except OSError:
-        return False
-    return "amx_tile" in flags and "amx_bf16" in flags
+        return frozenset()
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later); False where the flags cannot be
+    read."""
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU multiplies int8 with VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8): int8 dot products
+    accumulated in 32 bits. Without it the u8 x s8 instructions add pairs of products in 16 bits, which 8-bit
+    weights can saturate."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @functools.cache
