@@ -204,7 +204,7 @@ def test_an_8_bit_int8_file_warns_on_a_cpu_without_vnni(tmp_path, onnx_dynamic, 
     for path in (seven, eight) if write.has_vnni() else (seven,):  # 8-bit weights are exact only with VNNI
         assert (load_exported(path)[0](x) - logits).abs().max().item() <= 0.1 * logits.abs().max().item()
     monkeypatch.setattr(runners, "has_vnni", lambda: False)
-    monkeypatch.setattr(runners, "_is_x86", lambda: True)
+    monkeypatch.setattr(runners, "is_x86", lambda: True)
     with caplog.at_level(logging.WARNING, logger="hierax.export.runners"):
         caplog.clear()  # ONNX Runtime's quantiser logs its own advice
         load_exported(seven)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import platform
 import warnings
 from pathlib import Path
 
@@ -17,15 +16,11 @@ import torch.nn.functional as F
 
 from hierax.errors import CheckpointError, HieraxError
 from hierax.export.metadata import DTYPES, read_export_metadata
-from hierax.models.fastpath import has_vnni
+from hierax.models.fastpath import has_vnni, is_x86
 from hierax.weights.files import ModelInfo
 from hierax.weights.formats import export_format_for
 
 logger = logging.getLogger(__name__)
-
-
-def _is_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
 class ExportedRunner(abc.ABC):
@@ -106,7 +101,7 @@ class OnnxRunner(ExportedRunner):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise HieraxError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use device cpu")
             providers.insert(0, "CUDAExecutionProvider")
-        if options.get("int8_weight_bits") == 8 and _is_x86() and not has_vnni():
+        if options.get("int8_weight_bits") == 8 and is_x86() and not has_vnni():
             logger.warning(
                 "%s has 8-bit int8 weights, made for CPUs with VNNI; this CPU has none, and ONNX Runtime's int8 "
                 "kernels may saturate here and drift from the float model: quantise it again on this machine "

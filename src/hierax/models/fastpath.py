@@ -57,6 +57,11 @@ def native_half_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dt for dt, check in checks.items() if hasattr(mkldnn, check) and getattr(mkldnn, check)())
 
 
+def is_x86() -> bool:
+    """Whether this is an x86-64 CPU, whose instruction sets (AVX-512, VNNI, AMX) the probes below read."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The kernel's CPU flags (Linux's /proc/cpuinfo); empty where they cannot be read."""
@@ -88,7 +93,7 @@ def onednn_linear_dtypes() -> frozenset[torch.dtype]:
     x86-64; elsewhere (e.g. ARM) ATen's default stays."""
     mkldnn = torch.ops.mkldnn
     if not (
-        platform.machine().lower() in ("x86_64", "amd64")
+        is_x86()
         and torch.backends.mkldnn.is_available()
         and all(hasattr(mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
     ):
@@ -280,9 +285,9 @@ class Linear(nn.Linear):
         if entry is None or entry[0] != key:  # new or changed weights: cast for this call, remember the version
             per_dtype[dtype] = (key, None, None)
             return weight.detach().to(dtype), bias
-        # unchanged since the last call: keep the cast
-        per_dtype[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)), bias)
-        return per_dtype[dtype][1], bias
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))  # unchanged since: keep it
+        per_dtype[dtype] = (key, packed, bias)
+        return packed, bias
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         dtype = self.onednn_dtype(x)
