@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -178,7 +179,7 @@ def _all_probs(rows) -> dict:
     return out
 
 
-def test_geo_prior_at_each_frames_place_and_date(traps, tmp_path):
+def test_geo_prior_at_each_frames_place_and_date(traps, tmp_path, caplog):
     root, md_path = traps
     net, info = tiny_model()
     with torch.no_grad():
@@ -186,7 +187,11 @@ def test_geo_prior_at_each_frames_place_and_date(traps, tmp_path):
     prior_path = _prior(tmp_path / "prior.safetensors")
     options = {"workers": 0, "progress": False, "top_k": 6}
     plain = _all_probs(predict_detections(root, md_path, (net, info), **options).rows)
-    by_exif = _all_probs(predict_detections(root, md_path, (net, info), geo_prior=prior_path, **options).rows)
+    with caplog.at_level(logging.INFO, logger="hierax.inference.detections"):
+        by_exif = _all_probs(predict_detections(root, md_path, (net, info), geo_prior=prior_path, **options).rows)
+    located = sum(file.startswith("cam1/") for file, _ in plain)
+    assert 0 < located < len(plain)
+    assert f"geo prior applied to {located} of {len(plain)} crops" in caplog.text
     prior = load_prior(prior_path)
     for (file, j), p in plain.items():
         if file.startswith("cam1/"):  # EXIF GPS and DateTimeOriginal

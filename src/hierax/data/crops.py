@@ -21,13 +21,13 @@ API:
          "error": str | None, "capture": dict | None}; a frame that cannot be decoded gives crops=None and
         error=<reason>. A frame without boxes is not decoded (error "no such file" when it is missing).
         With capture=True each frame's header is read once in the worker (`frame_capture`): "capture" =
-        {"time": EXIF capture time or None, "latitude", "longitude", "date"} (hierax.data.metadata's
+        {"time": EXIF capture time or None, "context": its CaptureContext} (hierax.data.metadata's
         capture_context with the run-wide `overrides`), for events and a location prior.
         `crop_offsets` numbers the crops 0..num_crops-1 in frame order; `locate(crop_ids)` maps them back to
         (frame, detection) arrays.
     collate_crops(samples) -> the batch dict `hierax.inference.predict.iter_predictions` reads (as
         collate_samples makes): {"images": (N, ...) | None, "labels": -1s (N,), "indices": crop ids (N,),
-        "paths": one per crop, "meta": one per crop ({"latitude", "longitude", "date"} of its frame, {} without
+        "paths": one per crop, "meta": one per crop ({CAPTURE_KEY: its frame's CaptureContext}, {} without
         capture), "errors": [(frame, path, reason)]}, plus "frames" and "detections" (N,) and "captures":
         [(frame, capture)] for every frame of the batch, those without crops included.
     make_crop_loader(dataset, batch_size=16, workers=None) -> DataLoader whose batches hold at most `batch_size`
@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hierax.data.boxes import Box, FrameBoxes
-from hierax.data.datasets import PathTable
+from hierax.data.datasets import CAPTURE_KEY, PathTable
 from hierax.data.images import MAX_PIXELS, MIN_SIDE, decode_image
 from hierax.data.metadata import Overrides, capture_context, read_capture
 from hierax.errors import HieraxError, ImageDecodeError
@@ -150,8 +150,7 @@ def fill_from_stats(rgb_stats: dict | None) -> tuple[int, int, int]:
 def frame_capture(path: str, overrides: Overrides | None = None) -> dict:
     """What a frame's header says about when and where it was taken, with the run-wide overrides applied."""
     capture = read_capture(path)
-    context = capture_context(capture=capture, overrides=overrides)
-    return {"time": capture.time, "latitude": context.latitude, "longitude": context.longitude, "date": context.date}
+    return {"time": capture.time, "context": capture_context(capture=capture, overrides=overrides)}
 
 
 class CropDataset(Dataset):
@@ -247,7 +246,7 @@ def collate_crops(samples: list[dict], offsets: np.ndarray | None = None) -> dic
         detections.extend(s["detections"])
         paths.extend([s["path"]] * n)
         where = s.get("capture") or {}
-        meta.extend({k: where[k] for k in ("latitude", "longitude", "date") if k in where} for _ in range(n))
+        meta.extend(({CAPTURE_KEY: where["context"]} if "context" in where else {}) for _ in range(n))
     return {
         "images": torch.cat([s["crops"] for s in good]) if good else None,
         "labels": torch.full((len(ids),), -1, dtype=torch.long),

@@ -25,7 +25,6 @@ part of the detection rows; the results are gathered on rank 0, which writes the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from hierax.data.metadata import Overrides
 from hierax.data.taxonomy import Taxonomy
 from hierax.distributed import DistInfo, close_distributed
 from hierax.errors import HieraxError
-from hierax.geo import GeoPrior, apply_prior, load_prior
+from hierax.geo import load_prior
 from hierax.inference import formats, writers
 from hierax.inference.classification import device_and_dtype
 from hierax.inference.detection_tables import DetectionPlan, DetectionsSummary, write_tables
@@ -53,6 +52,7 @@ from hierax.inference.loading import (
     model_label,
     resolve_model,
 )
+from hierax.inference.place import GeoStep, prior_for_model
 from hierax.inference.predict import _Outputs, default_errors_path
 from hierax.inference.rows import PredictionRows
 from hierax.inference.sharding import Shards, join_ranks, shard_name
@@ -85,21 +85,14 @@ logger = logging.getLogger(__name__)
 
 
 class _Classifier:
-    """Crop probabilities -> the geo prior at each crop's frame -> plain predict's probability steps (the species
-    list) -> top-k and roll-up."""
+    """Crop probabilities -> plain predict's probability steps (the species list, then the geo prior at each crop's
+    frame) -> top-k and roll-up."""
 
-    def __init__(self, rows: PredictionRows, prior: GeoPrior | None) -> None:
-        self.rows, self.prior = rows, prior
-        self.with_prior = 0
+    def __init__(self, rows: PredictionRows) -> None:
+        self.rows = rows
 
     def __call__(self, result: BatchResult) -> list[Classification]:
-        probs = result.probs
-        if self.prior is not None:
-            where = result.meta
-            lats, lons = [m.get("latitude") for m in where], [m.get("longitude") for m in where]
-            probs, applied = apply_prior(self.prior, probs, lats, lons, [m.get("date") for m in where])
-            self.with_prior += int(applied.sum())
-        probs = self.rows.probabilities(dataclasses.replace(result, probs=probs))
+        probs = self.rows.probabilities(result)
         r = self.rows
         return classify(probs, r.taxonomy, k=r.k, allowed=r.candidates, rollup=r.rollup, thresholds=r.thresholds)
 
@@ -321,6 +314,7 @@ def predict_detections(
         start = time.perf_counter()
         net, info = resolve_model(model, device=device, size=size, backend=backend)
         require_classifier(info, "classify detections")
+        geo_step = GeoStep(prior_for_model(plan.prior, info)) if plan.prior is not None else None
         rows = PredictionRows.for_model(
             info,
             top_k=top_k,
@@ -328,8 +322,9 @@ def predict_detections(
             species_list=species_list,
             rollup=rollup,
             thresholds=thresholds,
+            geo_step=geo_step,
         )
-        classifier = _Classifier(rows, plan.prior.for_classes(info.class_names) if plan.prior else None)
+        classifier = _Classifier(rows)
         label = model_label(model, info)
         load_seconds = time.perf_counter() - start
         # --- this rank's share of the frames; with --resume, frames done before keep no boxes ---
@@ -380,8 +375,8 @@ def predict_detections(
             summary.images, summary.events, summary.images_output, summary.events_output = tables
         summary.seconds, summary.load_seconds = time.perf_counter() - start, load_seconds
         summary.rows, summary.errors = outputs.rows, outputs.failures
-        if plan.prior is not None:
-            logger.info("geo prior applied to %d of %d crops (those with a place)", classifier.with_prior, len(new))
+        if geo_step is not None:
+            logger.info("geo prior applied to %d of %d crops (those with a place)", geo_step.applied, len(new))
         logger.debug("%s", summary.line())
         return summary
     finally:

@@ -55,17 +55,19 @@ def prior_for_model(prior: GeoPrior, info: ModelInfo) -> GeoPrior:
     return aligned
 
 
-@dataclass(frozen=True)
+@dataclass
 class GeoStep:
     """A probability step: each row re-weighted by the prior at its image's place and date (see
-    hierax.geo.combine for the rule and its floor); rows without a location are left as they are."""
+    hierax.geo.combine for the rule and its floor); rows without a location are left as they are. `applied`
+    counts the rows it has re-weighted, for a run's summary."""
 
     prior: GeoPrior
     floor: float = DEFAULT_FLOOR
+    applied: int = 0
 
     def __call__(self, probs: np.ndarray, result: BatchResult) -> np.ndarray:
         places = [capture_of(m) for m in result.meta]
-        combined, _ = apply_prior(
+        combined, applied = apply_prior(
             self.prior,
             probs,
             [p.latitude for p in places],
@@ -73,6 +75,7 @@ class GeoStep:
             [p.date for p in places],
             self.floor,
         )
+        self.applied += int(applied.sum())
         return combined
 
 
