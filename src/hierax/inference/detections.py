@@ -52,8 +52,8 @@ from hierax.inference.loading import (
     model_label,
     resolve_model,
 )
+from hierax.inference.outputs import RunOutputs, default_errors_path
 from hierax.inference.place import GeoStep, prior_for_model
-from hierax.inference.predict import _Outputs, default_errors_path
 from hierax.inference.rows import PredictionRows
 from hierax.inference.sharding import Shards, join_ranks, shard_name
 from hierax.interchange.events import (
@@ -178,7 +178,7 @@ def _run_frames(
     net: torch.nn.Module,
     info: ModelInfo,
     classifier: _Classifier,
-    outputs: _Outputs,
+    outputs: RunOutputs,
     *,
     batch_size: int,
     workers: int | None,
@@ -337,7 +337,7 @@ def predict_detections(
         # --- the frame loop: rows to this rank's writer (or memory), failures to its errors file; sidecars ---
         columns = detection_columns(rows.k, rows.taxonomy, rows.rollup)
         my_output, my_errors = shards.my_output(), shards.my_errors()
-        outputs = _Outputs(
+        outputs = RunOutputs(
             writers.open_writer(my_output, columns, resume=resume, chunk_size=chunk_size) if my_output else None,
             writers.ErrorsWriter(my_errors) if my_errors else None,
         )

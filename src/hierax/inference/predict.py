@@ -43,6 +43,7 @@ from hierax.inference.loading import (
     model_label,
     resolve_model,
 )
+from hierax.inference.outputs import RunOutputs, default_errors_path
 from hierax.inference.place import GeoStep, PlaceTally, load_geo_prior, prior_for_model
 from hierax.inference.rows import EmbeddingRows, OpenSetRule, PredictionRows
 from hierax.inference.sharding import Shards, join_ranks
@@ -100,11 +101,6 @@ class RunSummary:
         return text
 
 
-def default_errors_path(output: Path) -> Path:
-    """`<output stem>.errors.csv` beside the output."""
-    return output.with_name(f"{output.stem}.errors.csv")
-
-
 @dataclass
 class _Job:
     """What predict and embed hand the shared loop: how to build rows for a model (given the spec, net and info
@@ -119,50 +115,8 @@ class _Job:
     xmp: bool = False
 
 
-@dataclass
-class _Outputs:
-    """Where a rank's rows and failures go: files (chunked, published at the end) or memory; with `sidecars`,
-    every row's photo also gets its XMP sidecar (one that cannot be written is a failure)."""
-
-    writer: writers.RowWriter | None
-    errors: writers.ErrorsWriter | None
-    rows: list[dict] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    sidecars: SidecarWriter | None = None
-
-    def add(self, result: BatchResult, rows: list[dict]) -> None:
-        if self.writer:
-            self.writer.write(rows)
-        else:
-            self.rows.extend(rows)
-        failures = [(path, reason) for _, path, reason in result.errors]
-        if self.sidecars is not None:
-            failures += self.sidecars.write_rows(rows)
-        self.report(failures)
-
-    def report(self, failures: list[tuple[str, str]]) -> None:
-        """(path, reason) pairs to the errors file, or to the log and memory."""
-        if self.errors:
-            self.errors.write(failures)
-        else:
-            for path, reason in failures:
-                logger.warning("%s: %s", path, reason)
-            self.failures.extend(failures)
-
-    def finish(self, ok: bool) -> None:
-        """Publish the files (ok), or keep what is finished for --resume."""
-        if self.sidecars is not None and self.sidecars.failed:
-            where = self.errors.path if self.errors else "the log above"
-            logger.warning("%d XMP sidecars could not be written: see %s", self.sidecars.failed, where)
-        for out in (self.writer, self.errors):
-            if out is not None and ok:
-                out.close()
-            elif out is not None:
-                out.abandon()
-
-
 def _write_results(
-    results: Iterable[BatchResult], rows_for: RowsFor, outputs: _Outputs, tally: PlaceTally | None = None
+    results: Iterable[BatchResult], rows_for: RowsFor, outputs: RunOutputs, tally: PlaceTally | None = None
 ) -> tuple[int, int]:
     """Rows of every batch to `outputs`; (succeeded, failed). The files are published when every batch is done,
     and kept unpublished for --resume when the loop ends early (an error, Ctrl-C)."""
@@ -238,7 +192,7 @@ def _run(
         )
         # --- the image loop: rows to this rank's writer (or memory), failures to its errors file ---
         my_output, my_errors = shards.my_output(), shards.my_errors()
-        outputs = _Outputs(
+        outputs = RunOutputs(
             writers.open_writer(my_output, columns, resume=resume, chunk_size=chunk_size) if my_output else None,
             writers.ErrorsWriter(my_errors) if my_errors else None,
             sidecars=SidecarWriter(Taxonomy(info.class_names), model=model_label(model, info)) if job.xmp else None,
