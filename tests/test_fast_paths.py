@@ -1,14 +1,12 @@
-"""Every fast path gives the plain path's outputs: oneDNN Linear (fp32, bf16, autocast with its cast kept, fused
-GELU) vs ATen's, matmul attention vs the fused kernel, the cached position embedding vs recomputing it,
-channels-last inputs, bf16 (weights or autocast) and torch.compile. The switch (set_fast_path, fast_path,
+"""Every fast path gives the plain path's outputs: matmul attention vs the fused kernel, the cached position
+embedding vs recomputing it, channels-last inputs, bf16 (weights or autocast) and torch.compile, the whole
+network with oneDNN Linear (the layer itself: test_fast_paths_linear). The switch (set_fast_path, fast_path,
 HIERAX_FAST_PATH) chooses the paths; to_plain gives plain modules for torch's quantiser.
 
 Tolerances: fp32 paths 1e-5 absolute on logits of magnitude ~1; bf16 paths 5% of the largest logit."""
 
 import copy
 import os
-import pickle
-import platform
 import subprocess
 import sys
 
@@ -17,30 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from hierax.models import create_model, fastpath
-from hierax.models.fastpath import _CAST_WEIGHTS, Linear, Mlp, fast_path
+from hierax.models.fastpath import Linear, Mlp, fast_path
 from tests.conftest import TINY
-
-FP32_TOL = 1e-5
-BF16_REL_TOL = 0.05
-ONEDNN_OPS = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-NATIVE_BF16 = torch.bfloat16 in fastpath.onednn_linear_dtypes()
-needs_native_bf16 = pytest.mark.skipif(
-    not NATIVE_BF16, reason="this CPU has no native bf16 kernels: oneDNN refuses bf16, so ATen's path runs"
-)
-
-
-@pytest.fixture
-def onednn_fp32():
-    """The oneDNN fp32 path, also on CPUs where ATen's BLAS is the faster default (AVX2-only x86)."""
-    if not ONEDNN_OPS:
-        pytest.skip("no oneDNN linear ops in this torch build")
-    with fast_path(linear_dtypes=fastpath.onednn_linear_dtypes() | {torch.float32}):
-        yield
-
-
-def _tiny(network="hieradet_d_tiny", seed=0):
-    torch.manual_seed(seed)
-    return create_model(network, 7, **TINY).eval()
+from tests.fastpath_support import BF16_REL_TOL, FP32_TOL, tiny_net, took_onednn
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -68,7 +45,7 @@ def test_matmul_attention_matches_fused_kernel(shape, dtype, tol):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_model_attention_paths_agree(network, autocast):
     """The whole network, windowed and global blocks, with the matmul form and with the fused kernel."""
-    net = _tiny(network)
+    net = tiny_net(network)
     x = torch.randn(2, 3, 96, 80)
     outs = {}
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -110,7 +87,7 @@ def test_with_amx_or_autograd_long_sequences_take_the_fused_kernel(monkeypatch, 
 
 
 def test_position_embedding_cache_matches_and_follows_weights():
-    net = _tiny()
+    net = tiny_net()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         plain = net._compute_position_embedding(16, 24)
@@ -124,14 +101,14 @@ def test_position_embedding_cache_matches_and_follows_weights():
         assert torch.equal(net.position_embedding(16, 24), net._compute_position_embedding(16, 24))
         after = net(x)
     assert not torch.allclose(before, after)
-    fresh = _tiny()
+    fresh = tiny_net()
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(after, fresh(x))
 
 
 def test_position_embedding_not_cached_when_training_or_with_grad():
-    net = _tiny()
+    net = tiny_net()
     net(torch.randn(1, 3, 64, 64)).sum().backward()
     assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
     assert not net._pos_cache
@@ -142,161 +119,22 @@ def test_position_embedding_not_cached_when_training_or_with_grad():
 
 
 def test_cache_stays_small():
-    net = _tiny()
+    net = tiny_net()
     with torch.no_grad():
         for side in range(64, 64 + 4 * 12, 4):
             net.position_embedding(side // 4, side // 4)
     assert len(net._pos_cache) <= 8
 
 
-def test_onednn_linear_matches_aten(onednn_fp32):
-    layer = Linear(48, 96).eval()
-    x = torch.randn(2, 5, 7, 48)
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        fast = layer(x)
-    assert any("linear_pointwise" in event.name for event in prof.events()), "the oneDNN path was taken"
-    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert (fast - plain).abs().max().item() <= FP32_TOL
-
-
-def _took_onednn(fn) -> tuple[torch.Tensor, bool]:
-    with torch.profiler.profile() as prof:
-        out = fn()
-    return out, any("linear_pointwise" in event.name for event in prof.events())
-
-
-def _weight_packs(fn) -> tuple[torch.Tensor, int]:
-    """fn's output and how many weights it packed into oneDNN's layout (a kept cast is packed once)."""
-    with torch.profiler.profile() as prof:
-        out = fn()
-    return out, sum("reorder_linear_weight" in event.name for event in prof.events())
-
-
-@needs_native_bf16
-@pytest.mark.parametrize("gelu", [False, True])
-def test_onednn_linear_in_bf16_weights_and_autocast(gelu):
-    torch.manual_seed(0)
-    layer = Linear(48, 96).eval()
-    x = torch.randn(3, 10, 48)
-    want = F.linear(x, layer.weight, layer.bias)
-    want = F.gelu(want) if gelu else want
-    tol = BF16_REL_TOL * want.abs().max().item()
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast, fast = _took_onednn(lambda: layer(x, gelu=gelu))
-        assert fast and autocast.dtype == torch.bfloat16
-        assert (autocast.float() - want).abs().max().item() <= tol
-        layer.to(torch.bfloat16)
-        weights, fast = _took_onednn(lambda: layer(x.bfloat16(), gelu=gelu))
-        assert fast and weights.dtype == torch.bfloat16
-        assert (weights.float() - want).abs().max().item() <= tol
-
-
-@needs_native_bf16
-def test_autocast_keeps_the_cast_of_unchanged_weights_only():
-    layer = Linear(16, 8).eval()
-    x = torch.randn(4, 16)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _weight_packs(lambda: layer(x))[1] == 0, "the first call casts the weight for itself"
-        assert _weight_packs(lambda: layer(x))[1] == 1, "the second finds it unchanged: packs and keeps the cast"
-        assert _weight_packs(lambda: layer(x))[1] == 0, "the third reuses the kept cast"
-        for _ in range(3):  # changed before every call, as a DINOv2 teacher's EMA update does: never kept
-            layer.weight.lerp_(torch.randn(8, 16), 0.5)
-            assert _weight_packs(lambda: layer(x))[1] == 0
-        assert _CAST_WEIGHTS[layer][torch.bfloat16][1] is None, "no cast of changing weights is held"
-        layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
-        got = [_weight_packs(lambda: layer(x))[0].float() for _ in range(3)]
-    want = F.linear(x, layer.weight, layer.bias)
-    assert all((g - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item() for g in got), "new weights"
-    assert torch.allclose(got[0], got[2], atol=1e-2), "the kept, packed cast computes what the per-call cast does"
-    got = got[0]
-    assert set(layer.state_dict()) == {"weight", "bias"}
-    copy = pickle.loads(pickle.dumps(layer))  # no oneDNN tensor travels with the module
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(copy(x).float(), got)
-
-
-def test_onednn_path_is_for_inference_only(onednn_fp32):
-    layer = Linear(16, 8)
-    x = torch.randn(4, 16)
-    with torch.no_grad():
-        assert layer.onednn_dtype(x) is None, "training mode"
-        layer.eval()
-        assert layer.onednn_dtype(x) == torch.float32
-        assert layer.onednn_dtype(x.double()) is None
-    assert layer.onednn_dtype(x) is None, "autograd"
-    with torch.inference_mode():
-        frozen = Linear(16, 8).eval()  # inference-tensor weights: no version counter
-        assert frozen.onednn_dtype(x) == torch.float32, "used as they are"
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert frozen.onednn_dtype(x) is None, "no cast can be kept for them"
-
-
-def test_fused_mlp_matches_the_sequential_one(onednn_fp32):
-    torch.manual_seed(0)
-    mlp = Mlp(32, 128).eval()
-    x = torch.randn(2, 5, 5, 32)
-    with torch.no_grad():
-        fused, fast = _took_onednn(lambda: mlp(x))
-        with fast_path(False):
-            plain = mlp(x)
-    assert fast
-    assert (fused - plain).abs().max().item() <= FP32_TOL
-    assert list(mlp.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
-
-
-def test_onednn_linear_path_agrees_with_autograd_path(onednn_fp32):
-    """The whole network: no-grad inference (oneDNN Linear) against the ATen path."""
-    net = _tiny()
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        fast = net(x)
-        with fast_path(linear_dtypes=()):
-            plain = net(x)
-    assert (fast - plain).abs().max().item() <= FP32_TOL
-
-
-@fast_path(linear_dtypes={torch.float32})
-def test_bf16_never_reaches_onednn_without_native_kernels():
-    """On CPUs without native bf16 (AVX2-only x86) oneDNN refuses bf16 weights: autocast and bf16 weights must
-    take ATen's path there, and still give fp32's answer."""
-    torch.manual_seed(0)
-    layer = Linear(48, 96).eval()
-    x = torch.randn(3, 10, 48)
-    want = F.gelu(F.linear(x, layer.weight, layer.bias))
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer.onednn_dtype(x) is None
-            autocast, fast = _took_onednn(lambda: layer(x, gelu=True))
-        assert not fast and autocast.dtype == torch.bfloat16
-        layer.to(torch.bfloat16)
-        assert layer.onednn_dtype(x.bfloat16()) is None
-        weights, fast = _took_onednn(lambda: layer(x.bfloat16(), gelu=True))
-        assert not fast
-    for got in (autocast, weights):
-        assert (got.float() - want).abs().max().item() <= BF16_REL_TOL * want.abs().max().item()
-
-
-def test_linear_backend_follows_the_instruction_set():
-    """fp32 goes to oneDNN only with AVX-512 (on AVX2 MKL is faster); bf16 only where oneDNN has native kernels."""
-    dtypes = fastpath.onednn_linear_dtypes()
-    if not ONEDNN_OPS or platform.machine().lower() not in ("x86_64", "amd64"):
-        assert dtypes == frozenset()
-        return
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    assert (torch.float32 in dtypes) == avx512
-    assert (torch.bfloat16 in dtypes) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def test_channels_last_input_gives_the_same_outputs():
-    net = _tiny()
+    net = tiny_net()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert (net(x.contiguous(memory_format=torch.channels_last)) - net(x)).abs().max().item() <= FP32_TOL
 
 
 def test_bfloat16_weights_and_autocast_track_fp32():
-    net = _tiny()
+    net = tiny_net()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         ref = net(x)
@@ -319,7 +157,7 @@ def test_torch_compile_captures_one_graph(monkeypatch, amx):
     if amx is not None:
         monkeypatch.setattr(fastpath, "has_amx", lambda: amx)
     monkeypatch.setattr(fastpath, "native_half_dtypes", lambda: frozenset({torch.bfloat16}))
-    net = _tiny()
+    net = tiny_net()
     x = torch.randn(2, 3, 64, 64)
     with fast_path(), torch.no_grad():
         ref = net(x)
@@ -331,18 +169,18 @@ def test_torch_compile_captures_one_graph(monkeypatch, amx):
 
 
 def test_fast_path_off_takes_every_plain_path():
-    net = _tiny()
+    net = tiny_net()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         fast = net(x)
         net._pos_cache.clear()
         with fast_path(False):
             assert not fastpath.fast_path_enabled() and fastpath.linear_dtypes() == frozenset()
-            plain, took_onednn = _took_onednn(lambda: net(x))
+            plain, onednn = took_onednn(lambda: net(x))
             assert not net._pos_cache, "the position embedding is recomputed"
         assert fastpath.fast_path_enabled(), "the previous setting is back after the block"
         assert fastpath.linear_dtypes() == fastpath.onednn_linear_dtypes()
-    assert not took_onednn
+    assert not onednn
     assert (fast - plain).abs().max().item() <= FP32_TOL
     with pytest.raises(ValueError, match="leave them unset"):
         fastpath.set_fast_path(False, linear_dtypes={torch.float32})
@@ -384,7 +222,7 @@ def _count(module: torch.nn.Module, kind: type) -> int:
 
 
 def test_to_plain_keeps_state_and_outputs():
-    net = _tiny("hieradet_tiny")
+    net = tiny_net("hieradet_tiny")
     plain = fastpath.to_plain(copy.deepcopy(net))
     assert not any(isinstance(m, (Linear, Mlp)) for m in plain.modules())
     assert _count(plain, torch.nn.Linear) == sum(isinstance(m, torch.nn.Linear) for m in net.modules())
@@ -404,7 +242,7 @@ def test_to_plain_lets_torch_quantise_the_block_linears():
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.quantization import quantize_dynamic
 
-    net = _tiny()
+    net = tiny_net()
     blocks = sum(isinstance(m, torch.nn.Linear) for m in net.body.modules())
     untouched = quantize_dynamic(copy.deepcopy(net).body, {torch.nn.Linear}, dtype=torch.qint8)
     assert _count(untouched, DynamicInt8Linear) == 0, "torch's quantiser matches exact types: it skips Linear"
