@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierax.cli import main
+from hierax.cli import QUIET_LOGGERS, main
 from hierax.weights import catalog
 
 DATA = Path(__file__).parent / "data"
@@ -141,6 +141,7 @@ def cli(capsys, one_thread):
         argv = [str(a) for a in args]
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level
+        quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}  # the command sets these
         root.handlers.clear()  # so the command's logging.basicConfig writes to the captured stderr, as in a process
         capsys.readouterr()
         try:
@@ -150,6 +151,8 @@ def cli(capsys, one_thread):
         finally:
             root.handlers[:] = handlers
             root.setLevel(level)
+            for name, was in quiet.items():
+                logging.getLogger(name).setLevel(was)
         out = capsys.readouterr()
         assert "Traceback" not in out.err, out.err
         return subprocess.CompletedProcess(["hierax", *argv], code, out.out, out.err)

@@ -1,14 +1,17 @@
-"""The `hierax` command itself, in subprocesses: what `--help` imports, a closed stdout, third-party logging."""
+"""The `hierax` command itself, in subprocesses: what `--help` imports, a closed stdout, third-party logging (and
+that the in-process `cli` fixture leaves logging as it found it)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
 
+from hierax.cli import QUIET_LOGGERS
 from tests.data_fixtures import make_checkpoint, write_image
 
 HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "fastapi", "onnx")
@@ -103,6 +106,14 @@ def test_third_party_loggers_quiet_unless_verbose():
         [sys.executable, "-c", LOG_AFTER_MAIN, "--verbose", *args], capture_output=True, text=True, env=_env()
     )
     assert all(f"chatter from {name}" in loud.stderr for name in ("onnxscript", "PIL", "urllib3")), loud.stderr
+
+
+def test_the_in_process_cli_fixture_gives_logging_back_as_it_was(cli):
+    """The fixture runs commands in the test process: the levels a command sets on third-party loggers must not
+    leak into the tests that come after it."""
+    before = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    assert cli("serve", "--max-batch", "0").returncode == 1
+    assert {name: logging.getLogger(name).level for name in QUIET_LOGGERS} == before
 
 
 def test_train_workers_default_to_the_cpu_rule():
