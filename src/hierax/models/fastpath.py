@@ -40,8 +40,10 @@ _OFF_VALUES = ("0", "false", "no", "off")
 _CPU_MATMUL_ATTENTION_MAX = 1 << 26
 # With AMX, the fused kernel's bf16 tile GEMMs beat two matmuls once a sequence is longer than a small window.
 _AMX_MATMUL_ATTENTION_MAX_TOKENS = 64
-# In training, two matmuls save time at every length, but from 64-token windows up a step's peak memory rises
-# above the fused kernel's; up to 16 tokens it falls below it.
+# In training, two matmuls save time at every length, but autograd keeps contiguous copies of q, k^T, the
+# probabilities and v for their backward (the heads' strided views of the qkv projection cannot be batched without
+# a copy), where the fused kernel keeps the views: from 64-token windows up a step's peak memory rises above the
+# fused kernel's; up to 16 tokens it falls below it.
 _TRAINING_MATMUL_ATTENTION_MAX_TOKENS = 16
 
 
