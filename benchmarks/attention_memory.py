@@ -22,17 +22,18 @@ from hierax.models import create_model, fastpath
 MIB = 2**20
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while fn runs."""
+def saved_bytes(fn, besides: frozenset[int] = frozenset()) -> tuple[int, object]:
+    """(bytes of the distinct storages autograd saves while fn runs, leaving out those in `besides`; fn's result)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in besides:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+        out = fn()
+    return sum(seen.values()), out
 
 
 def per_call(net: torch.nn.Module, x: torch.Tensor, autocast, form) -> list[tuple[tuple, tuple, int]]:
@@ -40,18 +41,9 @@ def per_call(net: torch.nn.Module, x: torch.Tensor, autocast, form) -> list[tupl
     calls = []
 
     def spy(q, k, v):
-        inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-        seen: dict[int, int] = {}
-        out = None
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in inputs:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = form(q, k, v)
-        calls.append((tuple(q.shape), tuple(k.shape), sum(seen.values())))
+        inputs = frozenset(t.untyped_storage().data_ptr() for t in (q, k, v))
+        saved, out = saved_bytes(lambda: form(q, k, v), inputs)
+        calls.append((tuple(q.shape), tuple(k.shape), saved))
         return out
 
     original = hieradet.attention
@@ -89,7 +81,7 @@ def main() -> None:
     print(f"{args.network}, {args.size} px, batch {args.batch}, {'bf16 autocast' if bf16 else 'fp32'}")
     for label, choice in (("fused everywhere", False), ("the fast path's rule", None), ("two matmuls", True)):
         with fastpath.fast_path(matmul_attention=choice):
-            print(f"  {label:<22} {saved_bytes(forward) / MIB:8.0f} MiB saved for backward")
+            print(f"  {label:<22} {saved_bytes(forward)[0] / MIB:8.0f} MiB saved for backward")
     fused = per_call(net, x, autocast, F.scaled_dot_product_attention)
     matmuls = per_call(net, x, autocast, two_matmuls)
     print("  per call, new tensors saved: two matmuls / fused kernel")
