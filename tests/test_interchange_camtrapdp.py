@@ -19,9 +19,9 @@ import pytest
 
 from hierax.cli import main
 from hierax.data.taxonomy import Taxonomy
-from hierax.interchange.camtrapdp import PROFILE_URL, parse_utc_offset, write_package
+from hierax.interchange.camtrapdp import PROFILE_URL, write_package
 from hierax.interchange.classified import write_classified
-from hierax.interchange.events import capture_times
+from hierax.interchange.events import capture_times, parse_utc_offset
 from hierax.interchange.megadetector import local_path, read_detections
 
 from .interchange_support import CLASS_NAMES, SCHEMAS, classify_detections, frictionless_report, make_camera_folder

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # imported here: keeps hierax --help fast
-    from hierax.interchange.camtrapdp import parse_utc_offset, write_package
+    from hierax.interchange.camtrapdp import write_package
+    from hierax.interchange.events import parse_utc_offset
 
     if (args.latitude is None) != (args.longitude is None):
         raise HieraxError("give both --latitude and --longitude")

@@ -6,7 +6,6 @@ API:
     write_package(predictions, output, *, root=None, deployment_id=None, latitude=None, longitude=None,
                   coordinate_uncertainty=None, deployments=None, utc_offset=None, event_gap_s=None, title=None,
                   contributors=None) -> Path of datapackage.json
-    parse_utc_offset("+02:00") -> datetime.timezone
 
 What goes where:
 - deployments: one per camera folder (deploymentID = the folder, "root" at the top level), or one for everything
@@ -14,7 +13,8 @@ What goes where:
   longitude and any other Camtrap DP deployment columns) or `latitude` / `longitude` for all. Start and end
   default to the first and last capture time; timestampIssues is true where file times stood in for EXIF ones.
 - media: every image with a capture time (images[].datetime, else the file's modification time under `root`,
-  default the JSON's folder); naive times get `utc_offset` (default: this machine's time zone). Failed images
+  default the JSON's folder); naive times get `utc_offset` (default: this machine's time zone;
+  hierax.interchange.events.parse_utc_offset reads one). Failed images
   carry their failure as mediaComments.
 - observations, media level: one per classified detection (observationType animal, scientificName the answer:
   the roll-up's name when one was made, the top species otherwise; classificationMethod machine,
@@ -33,7 +33,6 @@ import json
 import logging
 import mimetypes
 import os
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -89,20 +88,6 @@ FIELDS = {
     )
 }
 _DETECTOR_TYPES = {"animal": "animal", "person": "human", "human": "human", "vehicle": "vehicle"}
-
-
-def parse_utc_offset(text: str) -> dt.timezone:
-    """'+02:00', '-0530', 'Z' or 'UTC' as a fixed time zone."""
-    match = re.fullmatch(r"([+-])(\d{1,2}):?(\d{2})?", text.strip())
-    if text.strip().upper() in ("Z", "UTC"):
-        return dt.UTC
-    if not match:
-        raise HieraxError(f"bad UTC offset '{text}': use +HH:MM or -HH:MM, e.g. +02:00")
-    sign = 1 if match.group(1) == "+" else -1
-    hours, minutes = int(match.group(2)), int(match.group(3) or 0)
-    if hours > 14 or minutes > 59:
-        raise HieraxError(f"bad UTC offset '{text}': at most +-14:00")
-    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
 def _aware(time: dt.datetime, zone: dt.tzinfo | None) -> dt.datetime:

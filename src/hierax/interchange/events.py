@@ -14,6 +14,7 @@ API:
     summarise_events(events, detections, taxonomy, *, k=5, rollup=False, thresholds=None) -> list[EventSummary]
         `detections` maps a frame index to its classified detections as (detection confidence, Classification).
     event_columns(k), event_rows(summaries) -> rows for hierax.inference.writers.
+    parse_utc_offset("+02:00") -> datetime.timezone: a fixed time zone for naive capture times.
 
 Rules (and why):
 - Gap 60 s by default. One trigger gives a burst of frames a second or so apart and an animal that stays
@@ -35,12 +36,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from hierax.data.taxonomy import Taxonomy
+from hierax.errors import HieraxError
 from hierax.interchange.results import Answer, Classification, answer, classify
 
 DEFAULT_EVENT_GAP_S = 60.0
@@ -83,6 +86,20 @@ def file_time(path: str | os.PathLike) -> dt.datetime | None:
         return dt.datetime.fromtimestamp(os.stat(path).st_mtime).replace(microsecond=0)
     except (OSError, ValueError, OverflowError):
         return None
+
+
+def parse_utc_offset(text: str) -> dt.timezone:
+    """'+02:00', '-0530', 'Z' or 'UTC' as a fixed time zone."""
+    match = re.fullmatch(r"([+-])(\d{1,2}):?(\d{2})?", text.strip())
+    if text.strip().upper() in ("Z", "UTC"):
+        return dt.UTC
+    if not match:
+        raise HieraxError(f"bad UTC offset '{text}': use +HH:MM or -HH:MM, e.g. +02:00")
+    sign = 1 if match.group(1) == "+" else -1
+    hours, minutes = int(match.group(2)), int(match.group(3) or 0)
+    if hours > 14 or minutes > 59:
+        raise HieraxError(f"bad UTC offset '{text}': at most +-14:00")
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
 def capture_times(
