@@ -124,14 +124,17 @@ class MultiScaleBlock(nn.Module):
 
 
 class PatchStem(nn.Module):
-    """7x7 stride-4 convolution, returning a channels-last grid."""
+    """7x7 stride-4 convolution, returning a channels-last grid.
+
+    The convolution runs in channels-last memory, so the (B, H, W, C) grid it returns is contiguous: a permuted
+    NCHW output would carry its strides through the first stage's adds, LayerNorms and window reshapes."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, dim, kernel_size=7, stride=4, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
 class SpatialMean(nn.Module):
