@@ -118,3 +118,16 @@ def test_grad_checkpointing_same_grads():
 def test_layer_norm_eps_is_config():
     net = create_model("hieradet_d_tiny", 2, layer_norm_eps=1e-5, **TINY)
     assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_returns_a_contiguous_grid_equal_to_the_permuted_convolution(dtype):
+    """The stem's (B, H, W, C) grid is contiguous (stage 1 would otherwise run on strided views) and equals the
+    NCHW convolution permuted, in value."""
+    net = create_model("hieradet_d_tiny", 0, **TINY).to(dtype)
+    x = torch.randn(2, 3, 70, 90, dtype=dtype)
+    with torch.no_grad():
+        grid = net.stem(x)
+        reference = net.stem.proj(x).permute(0, 2, 3, 1)
+    assert grid.is_contiguous() and grid.shape == (2, 18, 23, net.config.embed_dim)
+    assert torch.allclose(grid, reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
