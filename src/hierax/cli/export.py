@@ -1,5 +1,7 @@
 """`hierax export MODEL --format onnx|torchscript|pt2|safetensors --output FILE`: write a model to a file that
-runs outside hierax's eager code, with its ModelInfo inside the file."""
+runs outside hierax's eager code, with its ModelInfo inside the file. `--check PHOTOS` then runs the written file
+beside the model it came from on those photos and reports how often their answers agree (and their speeds), so
+that an int8 or bf16 file is judged on the user's own photos and CPU."""
 
 from __future__ import annotations
 
@@ -32,6 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "saturate on x86 CPUs without VNNI)",
     )
     add_size_option(parser, "input size (default: the model's)")
+    parser.add_argument(
+        "--check",
+        nargs="+",
+        metavar="PHOTOS",
+        help="after writing, compare the file with the model on these images, folders, globs or list files: "
+        "top-1 agreement, top-5 overlap, changed answers, speed of each",
+    )
+    parser.add_argument(
+        "--min-top1",
+        type=float,
+        metavar="SHARE",
+        help="with --check: exit with an error when the top-1 agreement is below this share, e.g. 0.99 (the file "
+        "is kept)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +55,14 @@ def run(args: argparse.Namespace) -> int:
     size = size_from(args.size)
     if args.output.exists() and args.output.is_dir():
         raise HieraxError(f"--output {args.output} is a folder: give the file to write")
+    if args.min_top1 is not None and not args.check:
+        raise HieraxError("--min-top1 needs --check PHOTOS: the photos to measure the agreement on")
+    if args.min_top1 is not None and not 0 <= args.min_top1 <= 1:
+        raise HieraxError(f"--min-top1 is a share between 0 and 1 (0.99 for 99%), got {args.min_top1}")
+    if args.check:
+        from hierax.data.sources import find_images
+
+        find_images(args.check)  # no photos to check on: stop before the export, not after it
     # imported here: keeps hierax --help fast
     from hierax.export.write import export_model
     from hierax.weights.load import load_pretrained_model
@@ -57,4 +81,16 @@ def run(args: argparse.Namespace) -> int:
     )
     kind = f"{fmt}, {args.dtype}{', int8' if args.quantize else ''}"
     print(f"wrote {path} ({kind}, {path.stat().st_size / 2**20:.1f} MiB)")
+    if not args.check:
+        return 0
+    from hierax.inference.agreement import compare_models
+
+    any_batch = args.dynamic_batch or fmt == "safetensors"
+    result = compare_models((net, info), path, args.check, batch_size=8 if any_batch else 1)
+    print(result.summary())
+    if args.min_top1 is not None and result.top1 < args.min_top1:
+        raise HieraxError(
+            f"top-1 agreement {result.top1:.1%} is below --min-top1 {args.min_top1:.1%}; {path} is kept: delete it, "
+            "or export another way (a float32 or bf16 file, or int8 with other --int8-weight-bits)"
+        )
     return 0

@@ -66,6 +66,11 @@ def _quiet_onnx_passes() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _drop_quantizer_notes(record: logging.LogRecord) -> bool:
+    """ONNX Runtime's quantiser logs one INFO line per tensor on the root logger (about 100 an export)."""
+    return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+
 def quantize_linear_int8(net: nn.Module) -> nn.Module:
     """A copy of `net` whose block Linear layers are int8 dynamically quantised (the classifier stays float)."""
     quantized = to_plain(copy.deepcopy(net).eval())  # torch's quantiser matches exact nn.Linear types
@@ -220,14 +225,21 @@ def _quantize_onnx_graph(src: Path, dst: Path, weight_bits: int) -> None:
     model = onnx.load(str(src))
     constants = {init.name for init in model.graph.initializer}
     linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=linear,
-        reduce_range=weight_bits == 7,
-    )
+    root = logging.getLogger()
+    quiet = not logging.getLogger("hierax").isEnabledFor(logging.DEBUG)
+    if quiet:
+        root.addFilter(_drop_quantizer_notes)
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=linear,
+            reduce_range=weight_bits == 7,
+        )
+    finally:
+        root.removeFilter(_drop_quantizer_notes)
 
 
 def _check_weight_bits(weight_bits: int | None) -> int:
