@@ -42,6 +42,20 @@ def test_onnx_export_prints_a_few_lines(tmp_path, checkpoint):
     assert (runner(x) - net(x)).abs().max().item() < 1e-4
 
 
+def test_int8_export_drops_the_quantisers_per_tensor_notes(tmp_path, checkpoint):
+    ckpt, _ = checkpoint
+    out = tmp_path / "tiny-int8.onnx"
+    env = {**os.environ, "HIERAX_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "hierax", "export", str(ckpt), "-o", str(out), "--quantize", "int8"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Quantization parameters for tensor" not in result.stderr
+    assert len((result.stdout + result.stderr).strip().splitlines()) <= 4, result.stderr
+    assert read_export_metadata(out)[1]["quantize"] == "int8"
+
+
 def test_size_syntax_and_checks(tmp_path, checkpoint, capsys):
     ckpt, _ = checkpoint
     assert main(["export", str(ckpt), "-o", str(tmp_path / "a.ts"), "--size", "64", "96"]) == 0
