@@ -1,13 +1,16 @@
 """int8 dynamic quantisation of the Linear layers against fp32 and bf16: speed and agreement with fp32, in one process.
 
-hieradet_d_small with a 10,000-class head and random weights (no published weights can be downloaded here; a
-random network's logits are close together, so its top-1 agreement is a pessimistic figure: read it beside the
-logit cosine). Inputs: the real photos shipped with scikit-image / scikit-learn, the Tux Paint animal and plant
-stamps (cut-outs, pasted on grey) when installed, and generated smooth images, preprocessed like `hierax predict`.
+hieradet_d_small with a 10,000-class head and random weights by default (no published weights can be downloaded
+here; a random network's logits are close together, so its top-1 agreement is a pessimistic figure: read it
+beside the logit cosine), or the trained model `--model` names (a registry name or a checkpoint; its classes and
+preprocessing). Inputs: the real photos shipped with scikit-image / scikit-learn, the Tux Paint animal and plant
+stamps (cut-outs, pasted on grey) when installed, `--images` (your own files, folders or globs) and generated
+smooth images, preprocessed like `hierax predict`.
 Contenders, timed in interleaved rounds (best kept) at each size and batch: eager fp32 (hierax's fast path), bf16
 autocast, torch's int8 dynamic quantisation, ONNX Runtime fp32 and ONNX Runtime int8.
 
     python benchmarks/int8.py --sizes 224 384 --batches 1 8 --generated 200 --rounds 3
+    python benchmarks/int8.py --model runs/ft/model.pt --images held-out/ --sizes 224
 """
 
 from __future__ import annotations
@@ -22,18 +25,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hierax.data.images import load_image
+from hierax.data.sources import find_images
 from hierax.export import export_model, load_exported, quantize_linear_int8, quantize_onnx
 from hierax.inference.classification import bf16_autocast
 from hierax.models import create_model
 from hierax.transforms import classification_transform
 from hierax.weights.files import ModelInfo
+from hierax.weights.load import load_pretrained_model
 
 NUM_CLASSES = 10_000
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 
 
-def photos(generated: int) -> dict[str, list[Image.Image]]:
-    """{"real": photos, "stamps": Tux Paint cut-outs on grey, "generated": smooth random images}."""
+def photos(generated: int, yours: list[str] | None = None) -> dict[str, list]:
+    """{"real": photos, "stamps": Tux Paint cut-outs on grey, "yours": the images `yours` names (decoded like
+    `hierax predict`), "generated": smooth random images}."""
     from skimage import data
     from sklearn.datasets import load_sample_image
 
@@ -50,7 +57,8 @@ def photos(generated: int) -> dict[str, list[Image.Image]]:
     for _ in range(generated):
         small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
         fake.append(Image.fromarray(small).resize((480, 360), Image.BICUBIC))
-    return {"real": real, "stamps": stamps, "generated": fake}
+    mine = [load_image(path) for path in find_images(yours)] if yours else []
+    return {"real": real, "stamps": stamps, "yours": mine, "generated": fake}
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor) -> str:
@@ -67,9 +75,9 @@ def in_batches(fn, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def run_size(net: torch.nn.Module, size: int, images: dict, args: argparse.Namespace, tmp: Path) -> None:
-    """Time every contender at `size` for each batch, then their agreement with eager fp32."""
-    info = ModelInfo.create("hieradet_d_small", {f"class_{i}": i for i in range(NUM_CLASSES)}, size)
+def run_size(net: torch.nn.Module, info: ModelInfo, images: dict, args: argparse.Namespace, tmp: Path) -> None:
+    """Time every contender at info.size for each batch, then their agreement with eager fp32."""
+    size = info.size[0]
     transform = classification_transform(size, info.rgb_stats)
     inputs = {name: torch.stack([transform(img) for img in imgs]) for name, imgs in images.items() if imgs}
     fp32_path = export_model(net, info, tmp / f"fp32_{size}.onnx", dynamic_batch=True)
@@ -119,19 +127,25 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=200, help="number of generated images")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--model", help="a trained model (registry name or checkpoint) instead of random weights")
+    parser.add_argument("--images", nargs="+", help="your own images (files, folders, globs) as one more group")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = create_model("hieradet_d_small", NUM_CLASSES).eval()
-    images = photos(args.generated)
+    if args.model:
+        net, info = load_pretrained_model(args.model, inference=True)
+    else:
+        net = create_model("hieradet_d_small", NUM_CLASSES).eval()
+        info = ModelInfo.create("hieradet_d_small", {f"class_{i}": i for i in range(NUM_CLASSES)}, 224)
+    images = photos(args.generated, args.images)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, random weights, {NUM_CLASSES} classes; "
-        + ", ".join(f"{len(v)} {k}" for k, v in images.items())
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model or 'random weights'}, "
+        f"{info.network}, {info.num_classes} classes; " + ", ".join(f"{len(v)} {k}" for k, v in images.items())
     )
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            run_size(net, size, images, args, Path(tmp))
+            run_size(net, info.with_size(size), images, args, Path(tmp))
 
 
 if __name__ == "__main__":
