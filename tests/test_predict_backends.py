@@ -99,7 +99,26 @@ def test_inductor_backend_matches_torch_with_one_graph_for_a_partial_last_batch(
     with caplog.at_level(logging.INFO, logger="hierax.models.compiled"):
         compiled = predict([photos], ckpt, top_k=4, batch_size=2, workers=0, progress=False, backend="inductor")
     # 3 photos in batches of 2: the last batch of 1 is padded to 2 and runs through the same graph
-    compiles = [r.getMessage().split(" in ")[0] for r in caplog.records if r.name == "hierax.models.compiled"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "hierax.models.compiled"]
+    compiles = [m.split(" in ")[0] for m in messages if m.startswith("Compiled")]
     assert compiles == ["Compiled the model for input 2x3x64x64"]
     assert [r["label_1"] for r in compiled.rows] == [r["label_1"] for r in base.rows]
     assert np.abs(_probs(compiled) - _probs(base)).max() < 1e-4
+
+
+def test_inductor_warns_where_its_fp32_gemms_are_slower_than_the_default(caplog):
+    from hierax.models import compiled, fastpath
+
+    x = torch.zeros(1, 3, 32, 32)
+
+    def warnings(**policy) -> int:
+        caplog.clear()
+        with fastpath.fast_path(True, **policy), caplog.at_level(logging.WARNING, logger="hierax.models.compiled"):
+            compiled._warn_if_slower_than_eager(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                compiled._warn_if_slower_than_eager(x)
+            compiled._warn_if_slower_than_eager(x.bfloat16())
+        return sum("slower than the default backend" in r.getMessage() for r in caplog.records)
+
+    assert warnings(linear_dtypes={torch.float32}) == 1  # fp32 only: autocast and bf16 inputs compile well
+    assert warnings(linear_dtypes=set()) == 0  # where ATen's GEMM is the default (AVX2), inductor uses it too

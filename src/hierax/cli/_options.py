@@ -28,7 +28,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="torch",
         help="runtime (default torch). inductor: torch.compile, weights frozen on CPU; compiles on the first batch "
         "(about 45 s for hieradet_d_small on 2 CPU cores), one graph per run (a last partial batch is padded), "
-        "pays on runs of thousands of photos. onnxruntime, torchscript: run an exported file, exporting a "
+        "pays on runs of thousands of photos; on AVX-512 CPUs only with --amp (in fp32 it is slower there than "
+        "torch). onnxruntime, torchscript: run an exported file, exporting a "
         "checkpoint once into the cache",
     )
 

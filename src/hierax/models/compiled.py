@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from hierax.models.fastpath import to_plain
+from hierax.models.fastpath import linear_dtypes, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class CompiledNet(nn.Module):
         shape = tuple(x.shape)
         if shape in self.shapes:
             return self._embedding(x)[:count]
+        if not self.shapes:
+            _warn_if_slower_than_eager(x)
         start = time.perf_counter()
         with torch._inductor.config.patch(freezing=x.device.type == "cpu"):
             out = self._embedding(x)
@@ -57,3 +59,14 @@ class CompiledNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embedding(x))
+
+
+def _warn_if_slower_than_eager(x: torch.Tensor) -> None:
+    """Inductor's frozen fp32 Linear layers run on MKL on x86, where on AVX-512 CPUs the eager fast path calls
+    oneDNN: the compiled fp32 network is then slower than the default backend (benchmarks/README.md, Zen 4)."""
+    fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    if x.device.type == "cpu" and fp32 and torch.float32 in linear_dtypes():
+        logger.warning(
+            "backend inductor in float32 runs slower than the default backend on this CPU (its fp32 GEMMs use MKL, "
+            "the default backend oneDNN): use the default backend, or inductor with --amp (bf16)"
+        )
