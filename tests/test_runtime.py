@@ -15,12 +15,13 @@ from hierax.cli import main
 pytestmark = pytest.mark.skipif(not runtime.has_glibc_malloc(), reason="glibc's malloc only")
 
 # Allocate and fill a 64 MiB tensor (above glibc's largest adaptive mmap threshold, 32 MiB), free it, eight
-# warm-up rounds, then count the page faults of each of six more rounds.
 # warm-up rounds, then count the page faults of each of six more rounds, and the resident memory once it is freed.
+# "fast" checks the mechanism of huge pages, so it runs as outside a VM with free page reporting.
 _CHILD = """
 import json, resource, sys
-from hierax.runtime import fast_page_faults, keep_freed_memory
-applied = {"keep": keep_freed_memory, "fast": fast_page_faults}.get(sys.argv[1], lambda: None)()
+from hierax import runtime
+runtime.has_free_page_reporting = lambda: False
+applied = {"keep": runtime.keep_freed_memory, "fast": runtime.fast_page_faults}.get(sys.argv[1], lambda: None)()
 import torch
 def rss_mib():
     with open("/proc/self/status") as fh:
@@ -75,7 +76,10 @@ def test_once_torch_is_loaded_it_keeps_freed_memory_instead(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     for key in ("GLIBC_TUNABLES", "LD_PRELOAD", "HIERAX_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE"):
         monkeypatch.delenv(key, raising=False)
-    code = "import torch, json; from hierax.runtime import fast_page_faults; print(json.dumps(fast_page_faults()))"
+    code = (
+        "import torch, json; from hierax import runtime; runtime.has_free_page_reporting = lambda: False; "
+        "print(json.dumps(runtime.fast_page_faults()))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == "kept"
@@ -91,6 +95,37 @@ def test_the_kernel_setting_is_read(tmp_path):
         setting.write_text(text)
         assert runtime.has_transparent_huge_pages(setting) is offered
     assert runtime.has_transparent_huge_pages(tmp_path / "missing") is False
+
+
+def _balloon(root, name, device, features):
+    folder = root / name
+    folder.mkdir()
+    (folder / "device").write_text(f"{device}\n")
+    (folder / "features").write_text(f"{features}\n")
+
+
+def test_free_page_reporting_is_read_from_the_balloon_device(tmp_path):
+    reporting = "01100101" + "0" * 120  # a Firecracker balloon's features: bit 5 is VIRTIO_BALLOON_F_REPORTING
+    _balloon(tmp_path, "virtio1", "0x0002", reporting)  # a block device with the same bit set means nothing
+    _balloon(tmp_path, "virtio4", "not hex", reporting)
+    assert runtime.has_free_page_reporting(tmp_path) is False
+    _balloon(tmp_path, "virtio0", "0x0005", "01100001" + "0" * 120)  # a balloon without reporting
+    assert runtime.has_free_page_reporting(tmp_path) is False
+    _balloon(tmp_path, "virtio2", "0x0005", reporting)
+    assert runtime.has_free_page_reporting(tmp_path) is True
+    assert runtime.has_free_page_reporting(tmp_path / "missing") is False
+    assert isinstance(runtime.has_free_page_reporting(), bool)  # this machine's own devices
+
+
+def test_with_free_page_reporting_the_defaults_stay(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key, raising=False)
+    for key in ("GLIBC_TUNABLES", "LD_PRELOAD", "HIERAX_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(runtime, "has_free_page_reporting", lambda: True)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: pytest.fail("kept freed memory"))
+    assert runtime.fast_page_faults() == ""
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
 
 
 @pytest.mark.parametrize(

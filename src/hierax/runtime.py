@@ -22,6 +22,11 @@ _TRIM_THRESHOLD = 2**31 - 1
 # once, at the process's first tensor allocation.
 _TORCH_THP = "THP_MEM_ALLOC_ENABLE"
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# virtio devices of a VM: the balloon's device id, and the bit of its features string (one character per feature
+# bit) that says it reports free guest memory to the host.
+_VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+_VIRTIO_BALLOON_ID = 5
+_BALLOON_F_REPORTING = 5
 
 
 def has_glibc_malloc() -> bool:
@@ -36,6 +41,21 @@ def has_transparent_huge_pages(setting: Path = _THP_SETTING) -> bool:
     except OSError:
         return False
     return "[always]" in text or "[madvise]" in text
+
+
+def has_free_page_reporting(devices: Path = _VIRTIO_DEVICES) -> bool:
+    """Whether this is a VM whose balloon device reports free guest memory to the host (virtio-balloon free page
+    reporting), which takes it back: reported blocks are 2 MiB and larger, so a freed huge page soon goes to the
+    host, and the next fault on it waits for the host to back it again."""
+    for device in devices.glob("*"):
+        try:
+            kind = int((device / "device").read_text().strip(), 16)
+            features = (device / "features").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == _VIRTIO_BALLOON_ID and features[_BALLOON_F_REPORTING : _BALLOON_F_REPORTING + 1] == "1":
+            return True
+    return False
 
 
 def _user_tuned_malloc() -> bool:
@@ -53,7 +73,7 @@ def _user_tuned_malloc() -> bool:
 
 
 def fast_page_faults() -> str:
-    """Make the page faults of large tensors cheap, choosing how by what this process and kernel allow; returns
+    """Make the page faults of large tensors cheap, choosing how by what this process, kernel and VM allow; returns
     the choice: "huge pages", "kept" or "" (nothing applied).
 
     A forward pass allocates its large activations afresh; by default each comes from fresh mmap pages, faulted in
@@ -61,9 +81,15 @@ def fast_page_faults() -> str:
     has not been imported yet, have PyTorch back its blocks of 2 MiB and more with transparent huge pages (one fault
     per 2 MiB), where the kernel offers them; freed blocks still go back to the system, so peak memory stays that of
     the live tensors. Otherwise "kept": glibc keeps freed memory for reuse (`keep_freed_memory`), which is as fast
-    but holds the heap's high-water mark, fragmentation included. Nothing where the user tuned the allocator or set
-    HIERAX_KEEP_FREED_MEMORY=0. Measured figures: benchmarks/README.md (issue 18)."""
+    but holds the heap's high-water mark, fragmentation included. Nothing in a VM with free page reporting
+    (`has_free_page_reporting`): there the host takes back freed huge pages and every new one waits for it, so
+    huge pages run slower than glibc's default, and kept memory costs a quarter more peak for a gain lost in the
+    noise. Nothing either where the user tuned the allocator or set HIERAX_KEEP_FREED_MEMORY=0. Measured figures:
+    benchmarks/README.md (issue 18)."""
     if _user_tuned_malloc():
+        return ""
+    if has_free_page_reporting():
+        logger.debug("free page reporting: glibc's default allocator settings stay")
         return ""
     if "torch" not in sys.modules and has_transparent_huge_pages():
         os.environ[_TORCH_THP] = "1"
