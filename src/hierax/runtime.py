@@ -83,8 +83,8 @@ def fast_page_faults() -> str:
     the live tensors. Otherwise "kept": glibc keeps freed memory for reuse (`keep_freed_memory`), which is as fast
     but holds the heap's high-water mark, fragmentation included. Nothing in a VM with free page reporting
     (`has_free_page_reporting`): there the host takes back freed huge pages and every new one waits for it, so
-    huge pages run slower than glibc's default, and kept memory costs a quarter more peak for a gain lost in the
-    noise. Nothing either where the user tuned the allocator or set HIERAX_KEEP_FREED_MEMORY=0. Measured figures:
+    huge pages run slower than glibc's default, and kept memory gains a little for much more peak memory.
+    Nothing either where the user tuned the allocator or set HIERAX_KEEP_FREED_MEMORY=0. Measured figures:
     benchmarks/README.md (issue 18)."""
     if _user_tuned_malloc():
         return ""
