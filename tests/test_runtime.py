@@ -40,10 +40,17 @@ print(json.dumps({"applied": applied, "faults": [faults() for _ in range(6)], "h
                   "freed": rss_mib() - base}))
 """
 
+# The variables through which a user tunes the allocator (besides MALLOC_*_), which the tests start without.
+_ALLOCATOR_ENV = ("GLIBC_TUNABLES", "HIERAX_KEEP_FREED_MEMORY", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def _clear_allocator_env(monkeypatch) -> None:
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + list(_ALLOCATOR_ENV):
+        monkeypatch.delenv(key, raising=False)
+
 
 def _run_child(mode: str) -> dict:
-    ours = ("GLIBC_TUNABLES", "HIERAX_KEEP_FREED_MEMORY", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
-    env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if k not in _ALLOCATOR_ENV and not k.startswith("MALLOC_")}
     done = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,10 +79,7 @@ def test_huge_pages_fault_large_blocks_in_2_mib_at_a_time_and_hand_them_back():
 
 
 def test_once_torch_is_loaded_it_keeps_freed_memory_instead(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
-        monkeypatch.delenv(key, raising=False)
-    for key in ("GLIBC_TUNABLES", "LD_PRELOAD", "HIERAX_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE"):
-        monkeypatch.delenv(key, raising=False)
+    _clear_allocator_env(monkeypatch)
     code = (
         "import torch, json; from hierax import runtime; runtime.has_free_page_reporting = lambda: False; "
         "print(json.dumps(runtime.fast_page_faults()))"
@@ -118,10 +122,7 @@ def test_free_page_reporting_is_read_from_the_balloon_device(tmp_path):
 
 
 def test_with_free_page_reporting_the_defaults_stay(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
-        monkeypatch.delenv(key, raising=False)
-    for key in ("GLIBC_TUNABLES", "LD_PRELOAD", "HIERAX_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE"):
-        monkeypatch.delenv(key, raising=False)
+    _clear_allocator_env(monkeypatch)
     monkeypatch.setattr(runtime, "has_free_page_reporting", lambda: True)
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: pytest.fail("kept freed memory"))
     assert runtime.fast_page_faults() == ""
@@ -140,9 +141,7 @@ def test_with_free_page_reporting_the_defaults_stay(monkeypatch):
     ],
 )
 def test_users_own_malloc_tuning_is_left_alone(monkeypatch, env, left_alone):
-    ours = ["GLIBC_TUNABLES", "LD_PRELOAD", "HIERAX_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE"]
-    for key in [k for k in os.environ if k.startswith("MALLOC_")] + ours:
-        monkeypatch.delenv(key, raising=False)
+    _clear_allocator_env(monkeypatch)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert runtime._user_tuned_malloc() is left_alone
