@@ -1,8 +1,10 @@
 """The engine on an in-memory stage: gradient accumulation and gradient checkpointing give the plain run's
-weights, checkpoint writes are atomic, and a resumed run needs the same global batch."""
+weights, one set of loader workers serves every epoch, checkpoint writes are atomic, and a resumed run needs the
+same global batch."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -85,3 +87,52 @@ def test_atomic_save_keeps_the_last_good_file(tmp_path):
         atomic_torch_save({"step": 2, "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+class PidBlobs(Blobs):
+    """Blobs that also say which process read them."""
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "pid": os.getpid()}
+
+
+class PidStage(BlobStage):
+    """Records the reading processes of every batch, and the step at which the stage was told training starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_dataset = PidBlobs()
+        self.pids: list[int] = []
+        self.started_at: list[int] = []
+
+    def collate(self, samples):
+        return {
+            "images": torch.stack([s["image"] for s in samples]),
+            "labels": torch.tensor([s["label"] for s in samples]),
+            "pids": torch.tensor([s["pid"] for s in samples]),
+        }
+
+    def on_train_start(self, ctx):
+        self.started_at.append(ctx.step)
+
+    def training_step(self, model, batch, ctx):
+        self.pids += batch["pids"].tolist()
+        return super().training_step(model, batch, ctx)
+
+
+def test_one_set_of_loader_workers_serves_every_epoch(tmp_path):
+    def run(name: str, workers: int) -> tuple[PidStage, dict]:
+        seed_everything(0)
+        stage = PidStage()
+        config = TrainConfig(output_dir=tmp_path / name, epochs=3, batch_size=8, lr=2e-3, num_workers=workers)
+        Engine(stage, config).fit()
+        return stage, torch.load(tmp_path / name / "training_state.pt", weights_only=True)
+
+    forked, forked_state = run("workers", 2)
+    inline, inline_state = run("inline", 0)
+    assert forked.started_at == inline.started_at == [0]
+    assert len(forked.pids) == len(inline.pids) == 3 * 32
+    assert set(inline.pids) == {os.getpid()}
+    assert os.getpid() not in forked.pids and len(set(forked.pids)) == 2  # forked once, not once an epoch
+    assert forked_state["step"] == 12
+    assert _max_diff(forked_state["model"], inline_state["model"]) < 1e-6  # the workers change no sample

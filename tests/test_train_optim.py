@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +14,7 @@ from hierax.errors import HieraxError
 from hierax.models import create_model, fastpath
 from hierax.training import optim
 from hierax.training.ema import ModelEMA
-from hierax.training.loader import EpochBatchSampler, SeededSamples
+from hierax.training.loader import EpochBatchSampler, RunBatchSampler, SeededSamples, StandingLoader
 
 
 def _tiny(num_classes: int = 3) -> nn.Module:
@@ -108,6 +112,44 @@ def test_data_order_is_shared_between_one_and_two_processes():
     assert positions(1, 8, start=3) == single[3:]
     other_epoch = list(EpochBatchSampler(40, 8, 5, 0, 1, seed=3, epoch=2))
     assert other_epoch != single
+
+
+def test_the_run_order_is_the_epochs_orders_one_after_another():
+    epochs = [list(EpochBatchSampler(40, 4, 5, 1, 2, seed=3, epoch=e)) for e in range(4)]
+    whole = RunBatchSampler(40, 4, 5, 1, 2, seed=3, start=0, end=20)
+    assert list(whole) == sum(epochs, []) and len(whole) == 20
+    resumed = RunBatchSampler(40, 4, 5, 1, 2, seed=3, start=7, end=18)
+    assert list(resumed) == sum(epochs, [])[7:18] and len(resumed) == 11
+
+
+class ReadLog(torch.utils.data.Dataset):
+    """Five items (index, reading process); every read is appended to a file."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.log, "a", encoding="utf-8") as fh:
+            fh.write(f"{i}\n")
+        return torch.tensor([i, os.getpid()])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_standing_loader_forks_once_and_reads_only_when_asked(tmp_path, workers):
+    log = tmp_path / "reads.txt"
+    loader = StandingLoader(ReadLog(log), 2, workers, torch.stack)
+    before = len(multiprocessing.active_children())
+    loader.start()
+    assert len(multiprocessing.active_children()) == before + workers
+    assert not log.exists()  # the empty pass started the workers and read nothing
+    passes = [torch.cat(list(loader)) for _ in range(3)]
+    assert all(p[:, 0].tolist() == [0, 1, 2, 3, 4] for p in passes)
+    pids = {int(pid) for p in passes for pid in p[:, 1]}
+    assert len(pids) == 1 and (os.getpid() in pids) == (workers == 0)
+    assert len(log.read_text().split()) == 15
 
 
 class Noisy(torch.utils.data.Dataset):

@@ -15,6 +15,8 @@ Data order: each epoch a permutation seeded by (seed, epoch); micro-batch m of t
 batch_size * world_size positions, rank r the r-th slice, so 1 process with batch 2B and 2 processes with batch
 B see the same images per step. Each sample's augmentation runs under a torch RNG seeded by (seed, epoch,
 position), so the result does not depend on workers, ranks or resumes. The last incomplete step is dropped.
+One DataLoader serves the whole run (loader.RunBatchSampler): its workers fork once, before the first step, and
+read ahead across epoch ends.
 
 Files in output_dir: model.pt (stage.export, reference .pt layout: EMA weights when EMA is on),
 training_state.pt (raw weights, optimizer, EMA, scaler, stage state, per-rank RNG states, step, history),
@@ -47,7 +49,7 @@ from hierax.errors import HieraxError
 from hierax.training import optim
 from hierax.training.checkpoint import gather_rng_states, read_training_state, set_rng_state
 from hierax.training.ema import ModelEMA
-from hierax.training.loader import EpochBatchSampler, SeededSamples, atomic_torch_save, atomic_write_text, to_device
+from hierax.training.loader import RunBatchSampler, SeededSamples, atomic_torch_save, atomic_write_text, to_device
 from hierax.training.stage import Stage, StepContext, TrainConfig
 from hierax.training.stuck import StuckLossCheck
 from hierax.weights.files import write_checkpoint
@@ -95,9 +97,10 @@ class Engine:
             dist.world_size,
             self.warmup,
         )
-        data = SeededSamples(stage.train_dataset, cfg.max_bad_retries)
+        stage.on_train_start(ctx)
+        batches = iter(self._run_loader(SeededSamples(stage.train_dataset, cfg.max_bad_retries), ctx))
         while ctx.step < total:
-            self._run_epoch(train_model, self._epoch_loader(data, ctx), ctx)
+            self._run_epoch(train_model, batches, ctx)
         dist.barrier()
         if dist.is_main:
             stage.on_train_end(self.history, ctx)
@@ -152,19 +155,18 @@ class Engine:
             model = torch.compile(model)
         return model
 
-    def _epoch_loader(self, data: SeededSamples, ctx: StepContext) -> DataLoader:
-        """This rank's micro-batches of the current epoch, from the step the run is at."""
+    def _run_loader(self, data: SeededSamples, ctx: StepContext) -> DataLoader:
+        """This rank's micro-batches from the step the run is at to its end (loader.RunBatchSampler)."""
         cfg, dist = self.config, self.dist
-        start = (ctx.step % ctx.steps_per_epoch) * cfg.accum_steps
-        sampler = EpochBatchSampler(
+        sampler = RunBatchSampler(
             len(data),
             cfg.batch_size,
             ctx.steps_per_epoch * cfg.accum_steps,
             dist.rank,
             dist.world_size,
             cfg.seed,
-            ctx.epoch,
-            start,
+            ctx.step * cfg.accum_steps,
+            ctx.total_steps * cfg.accum_steps,
         )
         return DataLoader(
             data,
@@ -191,13 +193,13 @@ class Engine:
             g["weight_decay"] = wd if g["base_weight_decay"] > 0 else 0.0
         ctx.lr = self.optimizer.param_groups[0]["lr"]
 
-    def _run_epoch(self, train_model: nn.Module, loader: DataLoader, ctx: StepContext) -> None:
-        """Optimizer steps to the end of the current epoch, then validation and a checkpoint."""
+    def _run_epoch(self, train_model: nn.Module, batches: Any, ctx: StepContext) -> None:
+        """Optimizer steps to the end of the current epoch from the run's micro-batches, then validation and a
+        checkpoint."""
         cfg = self.config
         end = (ctx.epoch + 1) * ctx.steps_per_epoch
         self._sums: dict[str, torch.Tensor] = {}
         self._count, self._images, self._tick = 0, 0, time.perf_counter()
-        batches = iter(loader)
         self.module.train()
         bar = tqdm(
             total=ctx.steps_per_epoch,

@@ -1,5 +1,6 @@
 """Data order and I/O helpers of the training engine: per-rank micro-batches of (index, seed), per-sample seeded
-augmentation with bad-sample replacement, the default worker count, device transfer and atomic file writes."""
+augmentation with bad-sample replacement, a validation loader that forks once, the default worker count, device
+transfer and atomic file writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
@@ -58,6 +59,73 @@ class EpochBatchSampler(Sampler):
             yield [
                 (int(order[p]), sample_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)
             ]
+
+
+class RunBatchSampler(Sampler):
+    """EpochBatchSampler's micro-batches of every epoch from micro-batch `start` of the run to micro-batch `end`.
+    One DataLoader serves the whole run: its workers fork once, before the first step while the process is small,
+    instead of at each epoch start, where every page the trainer then writes is copied from the forked image
+    (seconds of page faults an epoch), and they read ahead across epoch ends."""
+
+    def __init__(
+        self, n: int, batch_size: int, micro_batches: int, rank: int, world_size: int, seed: int, start: int, end: int
+    ) -> None:
+        self.epoch_args = (n, batch_size, micro_batches, rank, world_size, seed)
+        self.micro_batches, self.start, self.end = micro_batches, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.start // self.micro_batches, -(-self.end // self.micro_batches)):
+            first = max(self.start - epoch * self.micro_batches, 0)
+            last = min(self.end - epoch * self.micro_batches, self.micro_batches)
+            epoch_order = iter(EpochBatchSampler(*self.epoch_args, epoch=epoch, start=first))
+            for _ in range(first, last):
+                yield next(epoch_order)
+
+
+class _Passes(Sampler):
+    """Batches of range(n) in order while `on`; none while off (the empty pass that starts the workers)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size, self.on = n, batch_size, True
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size) if self.on else 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.on:
+            for first in range(0, self.n, self.batch_size):
+                yield list(range(first, min(first + self.batch_size, self.n)))
+
+
+class StandingLoader:
+    """An in-order DataLoader (validation) whose workers fork once, at `start()`, and serve every later pass.
+    Forked at each epoch end instead, from a trainer of several GB, they make it copy every page it writes while
+    they live; started before the first step they hold no batches between passes."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Any) -> None:
+        self._passes = _Passes(len(dataset), batch_size)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self._passes,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG (exact resume) alone
+        )
+
+    def start(self) -> None:
+        """Fork the workers now with an empty pass (nothing is read)."""
+        if self.loader.num_workers:
+            self._passes.on = False
+            for _ in self.loader:
+                pass
+            self._passes.on = True
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
 
 
 class SeededSamples(Dataset):

@@ -20,6 +20,8 @@ A stage defines its model, its data, its loss and its step; the engine (`engine.
                                                updates)                                        [no-op]
         def ema_decay(self, ctx) -> float | None   the EMA decay at ctx.step; None: the engine's own
                                                (config.ema_decay or one scaled to the run)     [None]
+        def on_train_start(self, ctx)   every rank, before the first step, while the process is small (e.g.
+                                               fork a validation loader's workers)             [no-op]
         def validate(self, module, ctx) -> dict[str, float]   at each epoch end on every rank; `module` is
                                                the EMA module when there is one; reduce with ctx.dist  [{}]
         def export(self, module, ctx) -> (state_dict, ModelInfo) | None   the model checkpoint content,
@@ -150,6 +152,9 @@ class Stage:
 
     def ema_decay(self, ctx: StepContext) -> float | None:
         return None
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        """Called on every rank before the first step (and the training loader's workers fork)."""
 
     def validate(self, module: nn.Module, ctx: StepContext) -> dict[str, float]:
         return {}

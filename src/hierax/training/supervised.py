@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from hierax.data.datasets import ImageDataset, LabelledData, collate_samples, load_labelled
 from hierax.distributed import close_distributed, init_distributed, seed_everything
@@ -36,6 +36,7 @@ from hierax.training import optim
 from hierax.training.augment import AUGMENTS, BatchMix, auto_mix_prob, auto_strength, training_transform
 from hierax.training.curves import plot_curves
 from hierax.training.engine import Engine, Stage, StepContext, TrainConfig
+from hierax.training.loader import StandingLoader
 from hierax.transforms import classification_transform, normalize_stats
 from hierax.weights.files import ModelInfo, read_checkpoint
 from hierax.weights.load import build_from_state, resolve_file
@@ -155,6 +156,7 @@ class SupervisedStage(Stage):
         self.train_dataset = ImageDataset.from_labelled(train, train_tf)
         eval_tf = classification_transform(size, self.rgb_stats)
         self.val_dataset = ImageDataset.from_labelled(val, eval_tf) if val is not None else None
+        self.val_loader: StandingLoader | None = None
         prob = options.mix_prob if options.mix_prob is not None else auto_mix_prob(epochs)
         prob = 0.0 if options.linear_probe else prob
         self.mix = BatchMix(len(self.class_to_idx), options.mixup, options.cutmix, prob)
@@ -189,21 +191,22 @@ class SupervisedStage(Stage):
         acc = (logits.detach().argmax(1) == targets.argmax(1)).float().mean()
         return loss, {"train_top1": acc}
 
+    def on_train_start(self, ctx: StepContext) -> None:
+        if self.val_dataset is not None:
+            dist = ctx.dist
+            shard = Subset(self.val_dataset, range(dist.rank, len(self.val_dataset), dist.world_size))
+            self.val_loader = StandingLoader(shard, ctx.config.batch_size * 2, ctx.config.num_workers, collate_samples)
+            self.val_loader.start()
+
     def validate(self, module: nn.Module, ctx: StepContext) -> dict[str, float]:
         if self.val_dataset is None:
             return {}
+        if self.val_loader is None:
+            self.on_train_start(ctx)
         dist = ctx.dist
-        shard = Subset(self.val_dataset, range(dist.rank, len(self.val_dataset), dist.world_size))
-        loader = DataLoader(
-            shard,
-            batch_size=ctx.config.batch_size * 2,
-            num_workers=ctx.config.num_workers,
-            collate_fn=collate_samples,
-            generator=torch.Generator().manual_seed(0),
-        )
         sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # top1, top5, loss, images, bad
         k = min(5, len(self.class_to_idx))
-        for batch in loader:
+        for batch in self.val_loader:
             sums[4] += len(batch["errors"])
             if batch["images"] is None:
                 continue
