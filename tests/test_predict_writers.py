@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -134,3 +137,21 @@ def test_errors_file_is_published_even_when_the_run_fails(tmp_path):
         raise RuntimeError("killed")
     assert writers.read_errors(tmp_path / "err.csv") == [("a.jpg", "truncated image")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err.csv"]
+
+
+def test_csv_and_jsonl_jobs_leave_pyarrow_unloaded(tmp_path):
+    """pyarrow (about 28 MiB of memory) is imported by the first Parquet file only."""
+    script = (
+        "import sys\n"
+        "from hierax.inference import predict, writers\n"
+        "for suffix in ('.csv', '.jsonl'):\n"
+        f"    out = {str(tmp_path)!r} + '/pred' + suffix\n"
+        "    with writers.open_writer(out, ['path', 'prob_1'], chunk_size=1) as w:\n"
+        "        w.write([{'path': 'a.jpg', 'prob_1': 0.5}, {'path': 'b.jpg', 'prob_1': 0.25}])\n"
+        "    assert [r['path'] for r in writers.read_rows(out)] == ['a.jpg', 'b.jpg']\n"
+        "print('pyarrow' in sys.modules)\n"
+        f"writers.write_all({str(tmp_path)!r} + '/pred.parquet', [{{'path': 'a.jpg'}}], ['path'])\n"
+        "print('pyarrow' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]

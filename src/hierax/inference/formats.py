@@ -1,6 +1,7 @@
 """Output files as whole files: reading every row back, writing a complete file at once (atomically), and the
 row formats the chunked writers append (.csv, .jsonl; Parquet tables). `.npy` holds the `embedding` column as
 (N, D) float32; its paths go to `<stem>.paths.txt` and other array columns to `<stem>.<column>.npy`.
+pyarrow is imported on the first Parquet file, so a CSV or JSON Lines job does not hold it in memory.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Row = dict
 
@@ -59,6 +62,8 @@ def _plain(value):
 
 def rows_to_table(rows: list[Row], columns: Sequence[str]) -> pa.Table:
     """A Parquet table of `rows`; array values become fixed-size float32 lists."""
+    import pyarrow as pa
+
     arrays = {}
     for col in columns:
         values = [r.get(col) for r in rows]
@@ -72,6 +77,8 @@ def rows_to_table(rows: list[Row], columns: Sequence[str]) -> pa.Table:
 
 def table_to_rows(table: pa.Table) -> list[Row]:
     """The rows of a Parquet table; fixed-size lists come back as NumPy arrays."""
+    import pyarrow as pa
+
     columns = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
@@ -84,6 +91,8 @@ def table_to_rows(table: pa.Table) -> list[Row]:
 
 def write_parquet(path: Path, rows: list[Row], columns: Sequence[str]) -> None:
     """A Parquet file of `rows`, written atomically."""
+    import pyarrow.parquet as pq
+
     table = rows_to_table(rows, columns)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
@@ -138,6 +147,8 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.endswith("\n")]
     if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
         return table_to_rows(pq.read_table(path))
     if suffix == ".npy":
         paths = sidecar(path, "paths.txt").read_text("utf-8").splitlines()
@@ -158,5 +169,7 @@ def paths_in(path: Path) -> set[str]:
         paths_file = sidecar(path, "paths.txt")
         return set(paths_file.read_text("utf-8").splitlines()) if paths_file.exists() else set()
     if suffix_of(path) == ".parquet":
+        import pyarrow.parquet as pq
+
         return set(pq.read_table(path, columns=["path"]).column("path").to_pylist())
     return {r["path"] for r in read_rows(path)}

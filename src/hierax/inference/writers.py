@@ -28,8 +28,6 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from hierax.atomic import atomic_write
 from hierax.errors import HieraxError
 from hierax.inference.formats import (
@@ -38,7 +36,6 @@ from hierax.inference.formats import (
     read_rows,
     sidecar,
     suffix_of,
-    table_to_rows,
     write_all,
     write_csv_rows,
     write_jsonl_rows,
@@ -245,7 +242,7 @@ class PartsWriter(RowWriter):
     def _publish(self) -> None:
         rows: list[Row] = []
         for part in sorted(self.parts.glob("part-*.parquet")):
-            rows.extend(table_to_rows(pq.read_table(part)))
+            rows.extend(read_rows(part))
         write_all(self.path, rows, self.columns)
         shutil.rmtree(self.parts)
 
@@ -276,7 +273,7 @@ def done_rows(path: str | os.PathLike) -> list[Row]:
             return [json.loads(line) for line in text.splitlines() if line]
         return list(csv.DictReader(io.StringIO(text, newline="")))
     if parts.exists():
-        return [row for part in sorted(parts.glob("part-*.parquet")) for row in table_to_rows(pq.read_table(part))]
+        return [row for part in sorted(parts.glob("part-*.parquet")) for row in read_rows(part)]
     return read_rows(path) if path.exists() else []
 
 
