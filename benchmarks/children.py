@@ -79,7 +79,8 @@ def step_rates(name: str, run: dict, metrics: Path, warmup: int) -> list[float]:
 
 def compare_training(commands: dict[str, list[str]], root: Path, metrics: Path, warmup: int, rounds: int) -> None:
     """Run the "hierax" and "birder" training commands in alternating rounds in `root`; print the median images/s
-    of their steps past `warmup`, their peak memory and the ratios. birder's child sees no PYTHONPATH."""
+    of their steps past `warmup`, their median wall time (start-up, epoch ends and validation included), their
+    peak memory and the ratios. birder's child sees no PYTHONPATH."""
     env = dict(os.environ, TQDM_DISABLE="1")
     envs = {"hierax": env, "birder": {k: v for k, v in env.items() if k != "PYTHONPATH"}}
     rates: dict[str, list[float]] = {name: [] for name in commands}
@@ -92,15 +93,18 @@ def compare_training(commands: dict[str, list[str]], root: Path, metrics: Path, 
             rates[name] += step_rates(name, run, metrics, warmup)
             runs[name].append(run)
     speed = {name: statistics.median(values) for name, values in rates.items()}
+    wall = {name: statistics.median(r["wall"] for r in done) for name, done in runs.items()}
     main_peak = {name: max(r["main_mib"] for r in done) for name, done in runs.items()}
     tree_peak = {name: max(r["tree_mib"] for r in done) for name, done in runs.items()}
     for name in runs:
         print(
             f"{name:6s}: {speed[name]:6.2f} images/s (median of {len(rates[name])} steps), "
+            f"whole run {wall[name]:6.1f} s (median), "
             f"main peak RSS {main_peak[name]:6.0f} MiB, tree peak PSS {tree_peak[name]:6.0f} MiB"
         )
     print(
         f"hierax / birder: speed {speed['hierax'] / speed['birder']:.2f}x, "
+        f"whole-run time {wall['hierax'] / wall['birder']:.2f}x, "
         f"main memory {main_peak['hierax'] / main_peak['birder']:.2f}x, "
         f"tree memory {tree_peak['hierax'] / tree_peak['birder']:.2f}x, load {os.getloadavg()[0]:.1f}"
     )

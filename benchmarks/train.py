@@ -12,13 +12,16 @@ process's peak RSS on CPU (monotonic, so the pipeline, measured second, includes
 
 `--against-reference BIRDER_PYTHON` instead runs the `hierax train` command against birder's train script
 (`python -m birder.scripts.train`, from a throwaway venv whose python is given) in alternating child processes, on
-the same photos with the same recipe: AdamW (lr 1e-4, weight decay 0.05), TrivialAugment (wide), random erasing
-0.25, MixUp 0.8 + CutMix on every batch, label smoothing 0.1, gradient clipping at 1, EMA every step, no layer
-decay, bf16 autocast where this CPU has native bf16 (fp32 elsewhere), `--workers` decoding processes each.
+the same photos (validating on a small set after each epoch) with the same recipe: AdamW (lr 1e-4, weight decay
+0.05), TrivialAugment (wide), random erasing 0.25, MixUp 0.8 + CutMix on every batch, label smoothing 0.1, gradient
+clipping at 1, EMA every step, no layer decay, bf16 autocast where this CPU has native bf16 (fp32 elsewhere),
+`--workers` decoding processes each.
 Speed is the median of the per-step images/s that both log (every step; the `--warmup` first steps left out),
-memory the main process's peak RSS and the process tree's peak summed PSS (`children.run_measured`).
+memory the main process's peak RSS and the process tree's peak summed PSS (`children.run_measured`). `--epochs N`
+runs N epochs of those steps: the whole-run wall time then counts what happens at each epoch end.
 
     python benchmarks/train.py --against-reference /work/birder-venv/bin/python --steps 8 --warmup 2 --rounds 2
+    python benchmarks/train.py --against-reference /work/birder-venv/bin/python --steps 4 --warmup 1 --epochs 3
 """
 
 from __future__ import annotations
@@ -130,8 +133,9 @@ def pipeline(args: argparse.Namespace, dist, amp: bool, workdir: Path) -> tuple[
 def reference_commands(args: argparse.Namespace, amp: bool) -> dict[str, list[str]]:
     """The two commands with one recipe (see the module docstring), run in a folder holding train/ and val/."""
     common = ["--network", "hieradet_d_small", "--size", str(args.size), "--batch-size", str(args.batch_size)]
-    common += ["--epochs", "1", "--lr", "1e-4", "--device", "cpu"]
-    hierax = [sys.executable, "-m", "hierax", "train", "--data", "train", *common, "--output-dir", "hierax-run"]
+    common += ["--epochs", str(args.epochs), "--lr", "1e-4", "--device", "cpu"]
+    hierax = [sys.executable, "-m", "hierax", "train", "--data", "train", "--val", "val", *common]
+    hierax += ["--output-dir", "hierax-run"]
     hierax += ["--weight-decay", "0.05", "--layer-decay", "1", "--clip-grad", "1", "--augment", "trivialaugment"]
     hierax += ["--augment-strength", "1", "--random-erasing", "0.25", "--mixup", "0.8", "--cutmix", "1"]
     hierax += ["--mix-prob", "1", "--label-smoothing", "0.1", "--workers", str(args.workers), "--log-every", "1"]
@@ -151,6 +155,7 @@ def against_reference(args: argparse.Namespace) -> None:
     amp = torch.bfloat16 in native_half_dtypes()
     print(
         f"hieradet_d_small at {args.size}, batch {args.batch_size}, {args.warmup}+{args.steps} steps, "
+        f"{args.epochs} epoch(s) validated on {NUM_CLASSES} images, "
         f"{args.workers} workers, bf16 autocast {amp}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         f"{args.rounds} alternating rounds"
     )
@@ -172,6 +177,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--against-reference", metavar="BIRDER_PYTHON", help="time birder's train script instead")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds against the reference")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of each run against the reference")
     args = parser.parse_args()
     if args.against_reference:
         args.workers = 2 if args.workers is None else args.workers
