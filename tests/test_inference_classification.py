@@ -12,8 +12,8 @@ from sklearn.datasets import load_sample_image
 from hierax import classification_transform, get_size_from_signature
 from hierax.errors import ImageDecodeError
 from hierax.inference import classification
-from hierax.inference.classification import infer_batch, infer_image
-from hierax.models import create_model
+from hierax.inference.classification import infer_batch, infer_image, infer_stages
+from hierax.models import create_model, fastpath
 from hierax.transforms import DEFAULT_RGB_STATS
 from hierax.weights.files import ModelInfo
 from tests.conftest import TINY
@@ -138,3 +138,51 @@ def test_undecodable_image(tmp_path, net, transform):
         infer_image(net, str(bad), transform)
     with pytest.raises(ImageDecodeError, match="not found"):
         infer_image(net, str(tmp_path / "missing.jpg"), transform)
+
+
+def test_images_per_forward_keeps_the_first_stage_mlp_within_glibc_heap():
+    with torch.device("meta"):
+        small = create_model("hieradet_d_small", 10)
+
+    def per_call(size: int, dtype=None, batch: int = 32, device: str = "cpu") -> int:
+        return fastpath.images_per_forward(small, torch.empty(batch, 3, size, size, device=device), dtype)
+
+    # hidden layer of 384 channels over a 56 x 56 (224 px) or 96 x 96 (384 px) grid, 4 or 2 bytes a value
+    assert (per_call(224), per_call(384), per_call(224, torch.bfloat16), per_call(384, torch.bfloat16)) == (6, 2, 13, 4)
+    assert per_call(224, batch=4) == 4 and per_call(1024, batch=4) == 1
+    assert per_call(384, device="meta") == 32  # other devices take the whole batch
+    with fastpath.fast_path(False):
+        assert per_call(384) == 32
+    assert fastpath.images_per_forward(torch.nn.Conv2d(3, 4, 1), torch.empty(32, 3, 384, 384)) == 32
+
+
+def test_a_large_cpu_batch_runs_in_near_equal_parts_with_the_same_outputs(monkeypatch, net):
+    images = []
+    hook = net.stem.register_forward_pre_hook(lambda _module, args: images.append(len(args[0])))
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    try:
+        whole, whole_emb = infer_batch(net, x, return_embedding=True)
+        whole_stages = infer_stages(net, x, ["stage1", "stage4"])
+        assert images == [8, 8]
+        # three 64 px images of this net's first-stage MLP (16 x 16 tokens, 64 channels, fp32) per call
+        monkeypatch.setattr(fastpath, "_CPU_ACTIVATION_MAX_BYTES", 3 * 16 * 16 * 64 * 4)
+        images.clear()
+        probs, emb = infer_batch(net, x, return_embedding=True)
+        assert images == [3, 3, 2]
+        np.testing.assert_allclose(probs, whole, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(emb, whole_emb, rtol=1e-5, atol=1e-6)
+        images.clear()
+        parts = infer_stages(net, x, ["stage1", "stage4"])
+        assert images == [3, 3, 2]
+        for got, want in zip(
+            (parts[0], parts[1], *parts[2].values()), (whole_stages[0], whole_stages[1], *whole_stages[2].values())
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        images.clear()
+        infer_batch(net, x, tta=True)
+        assert images == [3, 3, 2] * 5
+        images.clear()
+        infer_batch(net, x, amp=True)  # bf16 activations: half the bytes, six images a call
+        assert images == [4, 4]
+    finally:
+        hook.remove()

@@ -16,7 +16,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --size, --batch-size, --workers, --device, --amp, --tta, --quiet, --backend."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path ({DEFAULT_MODEL})")
     add_size_option(parser, "input size (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per batch (16); on CPU the forward takes a few of them at a time, as many as its activations "
+        "allow, so a large batch costs little memory",
+    )
     parser.add_argument("--workers", type=int, help=WORKERS_HELP)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if any, else CPU)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_size_option(parser, "input size (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most images per micro-batch (default: %(default)s)")
     parser.add_argument(
         "--max-wait-ms",
         type=float,

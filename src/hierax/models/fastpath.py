@@ -2,7 +2,8 @@
 
 The model's layers come from here: `Linear` (nn.Linear that calls oneDNN directly and can fuse a GELU), `Mlp`
 (GELU fused into its first layer) and `attention` (two matmuls and a softmax, or the fused kernel). Which one
-runs is chosen per call from what this CPU computes natively, probed on first use and cached. Every fast path
+runs is chosen per call from what this CPU computes natively, probed on first use and cached. `images_per_forward`
+says how many images one eager CPU forward should take. Every fast path
 gives the plain path's outputs within rounding and keeps the plain modules' state-dict names. oneDNN's Linear
 is for eager inference only (training, autograd, tracing, export and torch.compile take ATen's); exported and
 traced graphs always attend with two matmuls. The measurements behind each choice are in benchmarks/README.md.
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hierax.models.configs import HieraDetConfig
+
 ENV_VAR = "HIERAX_FAST_PATH"
 _OFF_VALUES = ("0", "false", "no", "off")
 
@@ -45,6 +48,10 @@ _AMX_MATMUL_ATTENTION_MAX_TOKENS = 64
 # a copy), where the fused kernel keeps the views: from 64-token windows up a step's peak memory rises above the
 # fused kernel's; up to 16 tokens it falls below it.
 _TRAINING_MATMUL_ATTENTION_MAX_TOKENS = 16
+# glibc's malloc serves blocks up to its mmap threshold from its heap, where freed memory is reused; the threshold
+# rises to the largest block freed so far but stops at 32 MiB (64-bit), and a larger block is mapped afresh at
+# every call, each of its pages faulting again.
+_CPU_ACTIVATION_MAX_BYTES = 32 << 20
 
 
 # ---- what this CPU computes natively (probed once, on first use) ----
@@ -218,6 +225,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         return attn.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
+
+
+# ---- batches ----
+
+
+def images_per_forward(net: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """How many images of `x` (B, 3, H, W) one eager forward of `net` should take on CPU: as many as keep its
+    largest activation, the first stage's MLP hidden layer, in `dtype` (x's by default; bf16 under amp), within
+    _CPU_ACTIVATION_MAX_BYTES. Then each call reuses the memory the last one freed instead of faulting in fresh
+    pages, and peak memory stops growing with the batch. All of `x` on other devices, with the fast paths off,
+    and for nets other than the eager HieraDet (exported runners and compiled graphs keep their batch shapes)."""
+    config = getattr(net, "config", None)
+    if x.device.type != "cpu" or not fast_path_enabled() or not isinstance(config, HieraDetConfig) or len(x) < 2:
+        return max(len(x), 1)
+    tokens = -(-x.shape[-2] // 4) * -(-x.shape[-1] // 4)  # the stride-4 stem's grid
+    per_image = tokens * int(config.embed_dim * config.mlp_ratio) * (dtype or x.dtype).itemsize
+    return max(1, min(len(x), _CPU_ACTIVATION_MAX_BYTES // per_image))
 
 
 # ---- Linear and MLP ----

@@ -3,7 +3,7 @@
 Metrics (prometheus-client, one registry per app):
     hierax_requests_total{endpoint,method,status}   answered requests; endpoint is the route template
     hierax_request_duration_seconds{endpoint}       latency histogram, from the first byte in to the last out
-    hierax_batch_size                               images per forward pass (histogram)
+    hierax_batch_size                               images per micro-batch (histogram)
     hierax_batch_duration_seconds                   seconds per forward pass (histogram)
     hierax_queue_depth                              model requests inside the service now
     hierax_batch_queue                              images waiting for a forward pass now
@@ -55,7 +55,7 @@ class ServiceMetrics:
             registry=registry,
         )
         self.batch_size = Histogram(
-            "hierax_batch_size", "images per forward pass", buckets=BATCH_BUCKETS, registry=registry
+            "hierax_batch_size", "images per micro-batch", buckets=BATCH_BUCKETS, registry=registry
         )
         self.batch_seconds = Histogram(
             "hierax_batch_duration_seconds", "seconds per forward pass", buckets=LATENCY_BUCKETS, registry=registry
