@@ -1,12 +1,12 @@
 """CPU inference fast paths of HieraDet, and the switch that turns them off.
 
-The model's layers come from here: `Linear` (nn.Linear that calls oneDNN directly and can fuse a GELU), `Mlp`
-(GELU fused into its first layer) and `attention` (two matmuls and a softmax, or the fused kernel). Which one
-runs is chosen per call from what this CPU computes natively, probed on first use and cached. `images_per_forward`
-says how many images one eager CPU forward should take. Every fast path
-gives the plain path's outputs within rounding and keeps the plain modules' state-dict names. oneDNN's Linear
-is for eager inference only (training, autograd, tracing, export and torch.compile take ATen's); exported and
-traced graphs always attend with two matmuls. The measurements behind each choice are in benchmarks/README.md.
+The model's layers come from here: `Linear` (nn.Linear that calls oneDNN directly and can fuse a GELU), `Mlp` (GELU
+fused into its first layer) and `attention` (two matmuls and a softmax, or the fused kernel). Which one runs is
+chosen per call from what this CPU computes natively, probed on first use and cached. `images_per_forward` says how
+many images one eager CPU forward should take. Every fast path gives the plain path's outputs within rounding and
+keeps the plain modules' state-dict names. oneDNN's Linear is for eager inference only (training, autograd,
+tracing, export and torch.compile take ATen's); exported and traced graphs always attend with two matmuls. The
+measurements behind each choice are in benchmarks/README.md.
 
 The switch, as timm's `set_fused_attn` / `TIMM_FUSED_ATTN` (process-wide, not per thread):
 
