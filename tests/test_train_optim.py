@@ -15,6 +15,7 @@ from hierax.models import create_model, fastpath
 from hierax.training import optim
 from hierax.training.ema import ModelEMA
 from hierax.training.loader import EpochBatchSampler, RunBatchSampler, SeededSamples, StandingLoader
+from tests.conftest import TINY
 
 
 def _tiny(num_classes: int = 3) -> nn.Module:
@@ -177,3 +178,26 @@ def test_seeded_samples_are_reproducible_and_replace_bad_ones():
     assert data[(1, 7)][0]["index"] == replaced["index"]
     with pytest.raises(HieraxError, match="4 samples in a row failed"):
         SeededSamples(Noisy({0, 1, 2, 3}), max_retries=3)[(0, 1)]
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_unfused_one():
+    torch.manual_seed(0)
+    nets = [create_model("hieradet_d_tiny", 5, **TINY) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for net, make in zip(nets, (optim.adamw, lambda g, lr, wd: torch.optim.AdamW(g, lr=lr, weight_decay=wd))):
+        groups = optim.param_groups(net, 0.5, 0.65)
+        opts.append(make([{**g, "lr": 0.1 * g["lr_scale"]} for g in groups], 0.1, 0.5))  # large: decay shows
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    nets[0](torch.randn(4, 3, 32, 32)).square().mean().backward()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        b.grad = a.grad.clone()
+    for _ in range(3):  # the same gradients each step: any gap is the update's own
+        for opt in opts:
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (
+        optim.adamw([{"params": [torch.nn.Parameter(torch.ones(2, device="meta"))]}], 1e-3, 0.0).defaults["fused"]
+        is None
+    )  # other devices keep torch's default

@@ -119,7 +119,7 @@ class Engine:
         for g in groups:
             g.setdefault("lr_scale", 1.0)
             g["base_weight_decay"] = g.get("weight_decay", cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = optim.adamw(groups, cfg.lr, cfg.weight_decay)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         amp = cfg.amp if cfg.amp is not None else dist.device.type == "cuda"
         amp_dtype = getattr(torch, cfg.amp_dtype)
