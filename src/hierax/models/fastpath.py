@@ -237,7 +237,7 @@ def images_per_forward(net: nn.Module, x: torch.Tensor, dtype: torch.dtype | Non
     pages, and peak memory stops growing with the batch. All of `x` on other devices, with the fast paths off,
     and for nets other than the eager HieraDet (exported runners and compiled graphs keep their batch shapes)."""
     config = getattr(net, "config", None)
-    if x.device.type != "cpu" or not fast_path_enabled() or not isinstance(config, HieraDetConfig) or len(x) < 2:
+    if x.device.type != "cpu" or not fast_path_enabled() or not isinstance(config, HieraDetConfig):
         return max(len(x), 1)
     tokens = -(-x.shape[-2] // 4) * -(-x.shape[-1] // 4)  # the stride-4 stem's grid
     per_image = tokens * int(config.embed_dim * config.mlp_ratio) * (dtype or x.dtype).itemsize

@@ -4,7 +4,7 @@ Metrics (prometheus-client, one registry per app):
     hierax_requests_total{endpoint,method,status}   answered requests; endpoint is the route template
     hierax_request_duration_seconds{endpoint}       latency histogram, from the first byte in to the last out
     hierax_batch_size                               images per micro-batch (histogram)
-    hierax_batch_duration_seconds                   seconds per forward pass (histogram)
+    hierax_batch_duration_seconds                   seconds per micro-batch (histogram)
     hierax_queue_depth                              model requests inside the service now
     hierax_batch_queue                              images waiting for a forward pass now
     hierax_model_load_seconds{model}                how long loading the model took
@@ -58,7 +58,7 @@ class ServiceMetrics:
             "hierax_batch_size", "images per micro-batch", buckets=BATCH_BUCKETS, registry=registry
         )
         self.batch_seconds = Histogram(
-            "hierax_batch_duration_seconds", "seconds per forward pass", buckets=LATENCY_BUCKETS, registry=registry
+            "hierax_batch_duration_seconds", "seconds per micro-batch", buckets=LATENCY_BUCKETS, registry=registry
         )
         self.queue_depth = Gauge("hierax_queue_depth", "model requests inside the service", registry=registry)
         self.batch_queue = Gauge("hierax_batch_queue", "images waiting for a forward pass", registry=registry)
