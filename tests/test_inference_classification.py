@@ -156,10 +156,12 @@ def test_images_per_forward_keeps_the_first_stage_mlp_within_glibc_heap():
     assert fastpath.images_per_forward(torch.nn.Conv2d(3, 4, 1), torch.empty(32, 3, 384, 384)) == 32
 
 
-def test_a_large_cpu_batch_runs_in_near_equal_parts_with_the_same_outputs(monkeypatch, net):
+def test_a_large_cpu_batch_runs_in_near_equal_parts_with_the_same_outputs(monkeypatch, net, transform):
     images = []
     hook = net.stem.register_forward_pre_hook(lambda _module, args: images.append(len(args[0])))
-    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), load_sample_image("flower.jpg")]
+    photos += [photo[: photo.shape[0] // 2] for photo in photos[:3]]  # and three halves: eight real photos
+    x = torch.stack([transform(Image.fromarray(photo)) for photo in photos])
     try:
         whole, whole_emb = infer_batch(net, x, return_embedding=True)
         whole_stages = infer_stages(net, x, ["stage1", "stage4"])
